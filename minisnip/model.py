@@ -1,0 +1,387 @@
+"""A BERT encoder (Devlin et al. 2019) whose residual branches are explicit objects.
+
+BERT is post-LN. Each layer adds two residual branches to its input and normalises after each sum:
+
+    h = LN_attn(x + Attn(x))        Attn(x) = W_O [head_1(x); ...; head_H(x)] + b_O
+    y = LN_ffn (h + FFN(h))         FFN(h)  = W_2 act(W_1 h + b_1) + b_2
+
+`Attention` and `FeedForward` are the branches f_m of the SNIP paper (Lin et al. 2020, Sec. 3): each can
+
+1. return its own output f(x) (no hooks): `Attention.forward`, `FeedForward.forward`, or a full trace
+   of every branch through `BertModel.forward(..., trace=[])`;
+2. be gated: `head_gate` (one scale per head), `neuron_gate` (one per FFN neuron) and `gate` (one per
+   block) are buffers that are None (no cost) until a test or a pruning method sets them;
+3. be shrunk (`Attention.keep_heads`, `FeedForward.keep_neurons`) or removed (the layer's `attention` /
+   `ffn` becomes None; see `minisnip.surgery`).
+
+What "the branch becomes the identity" means under post-LN: when a branch outputs 0 for every input, its
+sub-layer computes LN(x + 0) = LN(x). The sum is the identity, the LayerNorm after it stays. A removed
+branch is exactly that: the layer still applies its LayerNorm (`LN_attn(x)` / `LN_ffn(h)`), it skips the
+branch. SNIP's identity prior drives branches toward f(x) = 0 so that removing them changes nothing.
+
+Heads are addressable but the hot path is fused: one QKV matmul whose rows are laid out as
+[Q_head0 .. Q_head(n-1), K_head0 .., V_head0 ..] (`Attention.head_rows`), then one call to
+`scaled_dot_product_attention` over all heads, then one output matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BertConfig
+
+
+def activation(name: str) -> nn.Module:
+    """The FFN non-linearity named by `hidden_act` (BERT's "gelu" is the exact erf form)."""
+    return {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"),
+            "gelu_pytorch_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
+
+
+class Embeddings(nn.Module):
+    """e = LN(E_word[ids] + E_pos[0..S-1] + E_type[token_types]), then dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        e = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(e))
+
+
+class Attention(nn.Module):
+    """One multi-head self-attention block: the residual branch Attn(x) = W_O concat_h head_h(x) + b_O.
+
+    head_h(x) = softmax(Q_h K_h^T / sqrt(d)) V_h with Q_h = x W_Q,h^T + b_Q,h (likewise K, V).
+    `heads` holds the original indices of the heads present, so a pruned block still says which heads it has.
+    """
+
+    head_gate: Tensor | None
+    gate: Tensor | None
+
+    def __init__(self, config: BertConfig, heads: list[int]):
+        super().__init__()
+        if not heads:
+            raise ValueError("an Attention block needs at least one head; a layer without heads has attention=None")
+        self.heads = list(heads)
+        self.head_dim = config.head_dim
+        inner = len(heads) * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * inner)
+        self.out = nn.Linear(inner, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.register_buffer("head_gate", None, persistent=False)
+        self.register_buffer("gate", None, persistent=False)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    def head_rows(self, h: int) -> tuple[slice, slice, slice]:
+        """Rows of `qkv.weight` that hold head h's (local index) query, key and value projections."""
+        n, d = self.num_heads, self.head_dim
+        return tuple(slice(t * n * d + h * d, t * n * d + (h + 1) * d) for t in range(3))  # type: ignore[return-value]
+
+    def head_columns(self, h: int) -> slice:
+        """Columns of `out.weight` that map head h's (local index) context into the hidden space."""
+        return slice(h * self.head_dim, (h + 1) * self.head_dim)
+
+    def context(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """All heads at once: (batch, seq, hidden) -> (batch, heads, seq, head_dim), gated per head if set."""
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        if self.head_gate is not None:
+            ctx = ctx * self.head_gate.view(1, -1, 1, 1).to(ctx.dtype)
+        return ctx
+
+    def project(self, ctx: Tensor) -> Tensor:
+        """W_O concat_h ctx_h + b_O: (batch, heads, seq, head_dim) -> (batch, seq, hidden), gated if set."""
+        b, n, s, d = ctx.shape
+        out = self.out(ctx.transpose(1, 2).reshape(b, s, n * d))
+        if self.gate is not None:
+            out = out * self.gate.to(out.dtype)
+        return out
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The branch output Attn(x), before dropout and the residual sum."""
+        return self.project(self.context(x, mask))
+
+    def head_outputs(self, ctx: Tensor) -> Tensor:
+        """Each head's own contribution W_O[:, cols_h] ctx_h: (batch, heads, seq, hidden), bias excluded.
+
+        Their sum over heads plus b_O is `project(ctx)` (without the block gate). Memory grows with
+        heads x hidden, so this is for measuring, not for the hot path.
+        """
+        b, n, s, d = ctx.shape
+        w = self.out.weight.view(-1, n, d)  # (hidden, heads, head_dim)
+        return torch.einsum("bnsd,ond->bnso", ctx, w)
+
+    @torch.no_grad()
+    def keep_heads(self, keep: list[int]) -> None:
+        """Physically keep only the heads at local indices `keep` (shrinks `qkv` and `out`)."""
+        if not keep:
+            raise ValueError("keep_heads needs at least one head; remove the block instead")
+        rows = torch.cat([torch.arange(self.qkv.out_features)[r] for t in range(3)
+                          for r in (self.head_rows(h)[t] for h in keep)])
+        cols = torch.cat([torch.arange(self.out.in_features)[self.head_columns(h)] for h in keep])
+        self.qkv = _select_linear(self.qkv, rows, dim=0)
+        self.out = _select_linear(self.out, cols, dim=1)
+        if self.head_gate is not None:
+            self.head_gate = self.head_gate[keep].clone()
+        self.heads = [self.heads[h] for h in keep]
+
+
+class FeedForward(nn.Module):
+    """The feed-forward branch FFN(h) = W_2 act(W_1 h + b_1) + b_2; neuron i is row i of W_1, column i of W_2."""
+
+    neuron_gate: Tensor | None
+    gate: Tensor | None
+
+    def __init__(self, config: BertConfig, ffn_dim: int):
+        super().__init__()
+        if ffn_dim < 1:
+            raise ValueError("a FeedForward block needs at least one neuron; a layer without them has ffn=None")
+        self.up = nn.Linear(config.hidden_size, ffn_dim)
+        self.act = activation(config.hidden_act)
+        self.down = nn.Linear(ffn_dim, config.hidden_size)
+        self.register_buffer("neuron_gate", None, persistent=False)
+        self.register_buffer("gate", None, persistent=False)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.up.out_features
+
+    def activations(self, h: Tensor) -> Tensor:
+        """Post-activation values act(W_1 h + b_1), gated per neuron if set: (batch, seq, ffn_dim)."""
+        z = self.act(self.up(h))
+        if self.neuron_gate is not None:
+            z = z * self.neuron_gate.to(z.dtype)
+        return z
+
+    def project(self, z: Tensor) -> Tensor:
+        """W_2 z + b_2, gated if set."""
+        out = self.down(z)
+        if self.gate is not None:
+            out = out * self.gate.to(out.dtype)
+        return out
+
+    def forward(self, h: Tensor) -> Tensor:
+        """The branch output FFN(h), before dropout and the residual sum."""
+        return self.project(self.activations(h))
+
+    @torch.no_grad()
+    def keep_neurons(self, keep: Tensor | list[int]) -> None:
+        """Physically keep only the neurons at indices `keep` (shrinks `up` rows and `down` columns)."""
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        if keep.numel() == 0:
+            raise ValueError("keep_neurons needs at least one neuron; remove the block instead")
+        self.up = _select_linear(self.up, keep, dim=0)
+        self.down = _select_linear(self.down, keep, dim=1)
+        if self.neuron_gate is not None:
+            self.neuron_gate = self.neuron_gate[keep.to(self.neuron_gate.device)].clone()
+
+
+@dataclass
+class LayerTrace:
+    """Everything one layer computed, for measuring branches: function norms, post-activation statistics.
+
+    A field is None where its branch is removed. `context` is (batch, heads, seq, head_dim), `ffn_act` is
+    (batch, seq, ffn_dim), the rest (batch, seq, hidden).
+    """
+
+    x: Tensor
+    context: Tensor | None
+    attention_out: Tensor | None
+    h: Tensor
+    ffn_act: Tensor | None
+    ffn_out: Tensor | None
+    y: Tensor
+
+
+class Layer(nn.Module):
+    """One post-LN encoder layer with its two residual sums written out."""
+
+    def __init__(self, config: BertConfig, heads: list[int], ffn_dim: int):
+        super().__init__()
+        self.attention: Attention | None = Attention(config, heads) if heads else None
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn: FeedForward | None = FeedForward(config, ffn_dim) if ffn_dim > 0 else None
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, trace: list[LayerTrace] | None = None) -> Tensor:
+        # attention sub-layer: h = LN(x + Attn(x)); a removed block contributes 0, so h = LN(x)
+        ctx = a = None
+        if self.attention is None:
+            h = self.attention_norm(x)
+        else:
+            ctx = self.attention.context(x, mask)
+            a = self.attention.project(ctx)
+            h = self.attention_norm(x + self.dropout(a))
+        # feed-forward sub-layer: y = LN(h + FFN(h)); a removed block contributes 0, so y = LN(h)
+        z = f = None
+        if self.ffn is None:
+            y = self.ffn_norm(h)
+        else:
+            z = self.ffn.activations(h)
+            f = self.ffn.project(z)
+            y = self.ffn_norm(h + self.dropout(f))
+        if trace is not None:
+            trace.append(LayerTrace(x=x, context=ctx, attention_out=a, h=h, ffn_act=z, ffn_out=f, y=y))
+        return y
+
+
+class Pooler(nn.Module):
+    """pooled = tanh(W_p e_[CLS] + b_p), BERT's sentence representation for classification."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class BertModel(nn.Module):
+    """Embeddings, the stack of layers, and the pooler. `forward` returns the last hidden states."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config, s.heads, s.ffn_dim) for s in config.layers)
+        self.pooler = Pooler(config) if add_pooling_layer else None
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None,
+                     token_type_ids: Tensor | None) -> None:
+        """Raise ValueError naming the argument and value for inputs the model cannot take."""
+        c = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] > c.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                             f"{c.max_position_embeddings}; truncate with the tokenizer's max_length")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= c.vocab_size:
+            raise ValueError(f"token id {hi if hi >= c.vocab_size else lo} is outside the vocabulary "
+                             f"[0, {c.vocab_size}) of this model")
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has shape {tuple(input_ids.shape)}")
+        if token_type_ids is not None and (int(token_type_ids.min()) < 0
+                                           or int(token_type_ids.max()) >= c.type_vocab_size):
+            raise ValueError(f"token_type_ids must lie in [0, {c.type_vocab_size}), got values in "
+                             f"[{int(token_type_ids.min())}, {int(token_type_ids.max())}]")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None) -> Tensor:
+        """(batch, seq) token ids -> (batch, seq, hidden) last hidden states.
+
+        attention_mask: 1 for real tokens, 0 for padding (default: all real). token_type_ids: segment A/B
+        (default 0). trace: pass an empty list to receive one `LayerTrace` per layer.
+        """
+        self.check_inputs(input_ids, attention_mask, token_type_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): True = may attend
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, mask, trace)
+        return x
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path, **config_overrides) -> BertModel:
+        """Load a Hugging Face BERT folder (or hub name, when online) or a minisnip checkpoint."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path_or_name, **config_overrides)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json + model.safetensors atomically (see `minisnip.checkpoint.save_pretrained`)."""
+        from .checkpoint import save_pretrained
+        return save_pretrained(self, folder)
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT + pooler + dropout + a linear head: logits (batch, num_labels); num_labels = 1 is regression."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=True)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_weights(self.classifier, config.initializer_range)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.config.problem_type == "regression" or self.config.num_labels == 1
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None) -> Tensor:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, trace)
+        return self.classifier(self.dropout(self.bert.pooler(hidden)))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean squared error for regression (STS-B), cross-entropy otherwise, as Hugging Face computes it."""
+        if self.is_regression:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.long())
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path, **config_overrides) -> BertForSequenceClassification:
+        """Load a fine-tuned classifier, or a plain BERT folder with a freshly initialised head.
+
+        config_overrides set config fields, e.g. `num_labels=3`; a head whose shape no longer fits is re-initialised.
+        """
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path_or_name, **config_overrides)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from .checkpoint import save_pretrained
+        return save_pretrained(self, folder)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: N(0, std) for weights, zeros for biases, LayerNorm at (1, 0)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _select_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
+    """A new Linear holding only the output rows (dim=0) or input columns (dim=1) at `index`."""
+    w = linear.weight.index_select(dim, index.to(linear.weight.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+    new.weight.copy_(w)
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias.index_select(0, index.to(linear.bias.device)) if dim == 0 else linear.bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+__all__ = ["Attention", "BertForSequenceClassification", "BertModel", "Embeddings", "FeedForward", "Layer",
+           "LayerTrace", "Pooler", "activation", "init_weights"]
