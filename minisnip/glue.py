@@ -322,7 +322,7 @@ def _load_hub(task: GlueTask, split: str) -> "datasets.Dataset":
     bad = np.flatnonzero(~((labels >= 0) & (labels <= hi)))  # NaN fails both comparisons
     if bad.size:
         raise GlueDataError(f"hub dataset glue/{task.name} split {hub_split!r}, row {bad[0]}: "
-                            f"label {labels[bad[0]]!r} outside [0, {hi}]")
+                            f"label {labels[bad[0]].item()!r} outside [0, {hi}]")
     return ds
 
 

@@ -1,0 +1,87 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """The real GLUE copy: $MINISNIP_GLUE_DIR, else <repo>/../shared/data/glue; skip when absent."""
+    env = os.environ.get("MINISNIP_GLUE_DIR")
+    path = Path(env) if env else REPO.parent / "shared" / "data" / "glue"
+    if not path.is_dir():
+        pytest.skip(f"GLUE data not found at {path} (set MINISNIP_GLUE_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def glue_fixtures_dir() -> Path:
+    """Hand-made GLUE-format files with invented rows, all nine tasks (data/fixtures/glue)."""
+    return REPO / "data" / "fixtures" / "glue"
+
+
+# --- core encoder: shared by test_model, test_checkpoint, test_tokenizer, test_surgery -----------------------
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """The offline default checkpoint (all-MiniLM-L6-v2); skip when its package is not installed."""
+    import minisnip
+
+    try:
+        return minisnip.default_model_path()
+    except ImportError as e:
+        pytest.skip(str(e))
+
+
+TINY_SIZES = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64)
+
+
+def randomize_(model, seed: int = 0, scale: float = 0.1):
+    """Give every parameter random values in place (LayerNorms near 1, biases non-zero): a mix-up of names,
+    of Q/K/V order or of gamma/beta then changes the outputs instead of hiding behind BERT's init."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g) * scale
+            is_norm_weight = p.dim() == 1 and ("LayerNorm.weight" in name or "norm.weight" in name)
+            p.copy_(1.0 + noise if is_norm_weight else noise)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory: a small random-model minisnip.BertConfig (2 layers, hidden 64, 4 heads); kwargs override."""
+    import minisnip
+
+    def make(**overrides) -> minisnip.BertConfig:
+        return minisnip.BertConfig(**{**TINY_SIZES, **overrides})
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    """Factory: a minisnip model (BertModel by default) on `tiny_config(**overrides)` with random weights, eval."""
+    import minisnip
+
+    def make(cls=minisnip.BertModel, seed: int = 0, **overrides):
+        return randomize_(cls(tiny_config(**overrides)), seed)
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_model():
+    """Factory: a random small `transformers` BERT (class by name), seeded, with random LayerNorms and biases."""
+    transformers = pytest.importorskip("transformers")
+
+    def make(cls_name: str = "BertModel", seed: int = 0, **overrides):
+        config = transformers.BertConfig(**{**TINY_SIZES, **overrides})
+        return randomize_(getattr(transformers, cls_name)(config), seed)
+    return make
