@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -100,9 +101,14 @@ def read_state_dict(folder: Path) -> tuple[dict[str, Tensor], Path]:
                 for shard in shards:
                     sd.update(load_file(str(folder / shard)))
                 return sd, path
-            return torch.load(path, map_location="cpu", weights_only=True), path
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+                raise CheckpointError(f"{path}: expected a state dict (a dict of tensors), got {type(sd).__name__}")
+            return sd, path
+        except CheckpointError:
+            raise
         except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError,
-                json.JSONDecodeError) as e:
+                json.JSONDecodeError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:200]}); "
                                   "the file is corrupt or truncated") from None
     present = sorted(p.name for p in folder.iterdir())
@@ -165,7 +171,7 @@ def load_pretrained(cls: type[M], path_or_name: str | Path, **config_overrides) 
     model = cls(config)
     is_classifier = hasattr(model, "bert")
     encoder = model.bert if is_classifier else model
-    head = {k: v for k, v in sd.items() if k.startswith("classifier.")}
+    head = {k.removeprefix("classifier."): v for k, v in sd.items() if k.startswith("classifier.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
     _load_checked(encoder, sd, weight_file, optional=("pooler.",))
     if is_classifier:
@@ -174,7 +180,7 @@ def load_pretrained(cls: type[M], path_or_name: str | Path, **config_overrides) 
         if fits:
             model.classifier.load_state_dict(head)
         elif head and "num_labels" not in config_overrides:
-            raise CheckpointError(f"{weight_file}: classifier weights {_shapes(head)} do not fit num_labels="
+            raise CheckpointError(f"{weight_file}: classifier weights {_shapes({f'classifier.{k}': v for k, v in head.items()})} do not fit num_labels="
                                   f"{config.num_labels} from config.json; pass num_labels=... to re-initialise")
         else:
             log.warning("%s: classifier head is newly initialised (num_labels=%d); fine-tune before use",
@@ -232,13 +238,36 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Pat
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        if folder.exists():  # move the previous checkpoint aside (onto an empty folder of a fresh name)
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if old is not None:  # put the previous checkpoint back where it was
+                os.replace(old, folder)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write `obj` as indented JSON, atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

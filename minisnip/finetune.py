@@ -1,0 +1,181 @@
+"""GLUE fine-tuning runs: data + model + `train.fit` + a result JSON, for one seed or several.
+
+A run directory holds `result.json` (task, data, hyper-parameters, seed, metrics per epoch, the best
+epoch, wall time, examples/second) and `best/`, the best checkpoint (minisnip format, with tokenizer).
+A multi-seed run puts each seed in `seed-<n>/` and writes `summary.json` with mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import default_model_path, write_json
+from .data import Encoded, encode_dataset
+from .glue import GLUE_DIR_ENV, GlueTask, get_task, load_split
+from .model import BertForSequenceClassification
+from .tokenizer import Tokenizer, load_tokenizer
+from .train import History, TrainConfig, fit
+
+
+class RunDirError(FileExistsError):
+    """The output directory already holds a run; pass overwrite=True (--overwrite) to replace it."""
+
+
+@dataclass
+class TaskData:
+    """A task's tokenized train split and whole dev split(s), and where they came from."""
+
+    task: GlueTask
+    train: Encoded
+    dev: dict[str, Encoded]
+    info: dict
+
+
+def load_task_data(task: str | GlueTask, tokenizer: Tokenizer, glue_dir: str | Path | None = None,
+                   max_train: int | None = None, seed: int = 0, max_length: int = 128,
+                   source: str = "auto") -> TaskData:
+    """Train split (a seeded random sample of `max_train` examples if given) and every dev split, tokenized."""
+    task = get_task(task)
+    if glue_dir is None and source != "hub":
+        glue_dir = os.environ.get(GLUE_DIR_ENV) or None
+    train_ds = load_split(task, "train", glue_dir, max_examples=max_train, seed=seed, source=source)
+    dev_ds = {split: load_split(task, split, glue_dir, source=source) for split in task.dev_splits}
+    info = {"glue_dir": str(glue_dir) if glue_dir is not None else None,
+            "source": "local" if source != "hub" and glue_dir is not None else "hub",
+            "max_train": max_train, "sample_seed": seed, "max_length": max_length,
+            "train_examples": len(train_ds), "dev_examples": {k: len(v) for k, v in dev_ds.items()}}
+    return TaskData(task=task,
+                    train=encode_dataset(train_ds, tokenizer, max_length, task.is_regression),
+                    dev={k: encode_dataset(v, tokenizer, max_length, task.is_regression) for k, v in dev_ds.items()},
+                    info=info)
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
+    """Create `out`, refusing one that already holds something unless `overwrite` (then it is emptied)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            held = "a run" if (out / "result.json").exists() or (out / "summary.json").exists() else "files"
+            raise RunDirError(f"{out} already holds {held}; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_classifier(model_path: str | Path, task: GlueTask) -> BertForSequenceClassification:
+    """A sequence classifier for `task` from a BERT folder (a new head unless the folder's head fits)."""
+    overrides = {"num_labels": task.num_labels,
+                 "problem_type": "regression" if task.is_regression else "single_label_classification"}
+    return BertForSequenceClassification.from_pretrained(model_path, **overrides)
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def run_finetune(task: str, out: str | Path, model_path: str | Path | None = None, glue_dir: str | Path | None = None,
+                 cfg: TrainConfig | None = None, max_train: int | None = None, overwrite: bool = False,
+                 source: str = "auto", data: TaskData | None = None) -> dict:
+    """Fine-tune one seed; write `out/result.json` and `out/best/`; return the result dict."""
+    cfg = cfg or TrainConfig()
+    out = prepare_run_dir(out, overwrite)
+    model_path = Path(model_path) if model_path is not None else default_model_path()
+    tokenizer = load_tokenizer(model_path)
+    data = data or load_task_data(task, tokenizer, glue_dir, max_train, seed=cfg.seed,
+                                  max_length=cfg.max_length, source=source)
+    model = load_classifier(model_path, data.task)
+    result = {"status": "running", "task": data.task.name, "model": str(model_path), "data": data.info,
+              "hparams": asdict(cfg), "seed": cfg.seed, "environment": environment()}
+    write_json(out / "result.json", result)
+    t0 = time.perf_counter()
+    history: History | None = None
+    try:
+        history = fit(model, tokenizer, data.task, data.train, data.dev, cfg, out_dir=out)
+        result["status"] = "completed"
+    except KeyboardInterrupt:
+        result["status"] = "interrupted"
+        raise
+    except Exception as e:
+        result["status"] = f"failed: {type(e).__name__}: {e}"
+        raise
+    finally:
+        result["wall_seconds"] = time.perf_counter() - t0
+        if history is not None:
+            result.update(history.to_dict())
+        write_json(out / "result.json", result)
+    return result
+
+
+def run_seeds(task: str, out: str | Path, seeds: list[int], model_path: str | Path | None = None,
+              glue_dir: str | Path | None = None, cfg: TrainConfig | None = None, max_train: int | None = None,
+              overwrite: bool = False, source: str = "auto") -> dict:
+    """Fine-tune once per seed (seed-<n>/ each) and write `summary.json` with mean ± std over seeds.
+
+    The seed sets initialisation of the head, dropout and data order; the train subset (`max_train`) is
+    drawn with the first seed so that all seeds see the same examples.
+    """
+    if not seeds:
+        raise ValueError("seeds must list at least one seed")
+    cfg = cfg or TrainConfig()
+    out = prepare_run_dir(out, overwrite)
+    model_path = Path(model_path) if model_path is not None else default_model_path()
+    tokenizer = load_tokenizer(model_path)
+    data = load_task_data(task, tokenizer, glue_dir, max_train, seed=seeds[0], max_length=cfg.max_length,
+                          source=source)
+    runs = []
+    for seed in seeds:
+        seed_cfg = TrainConfig(**{**asdict(cfg), "seed": seed})
+        runs.append(run_finetune(task, out / f"seed-{seed}", model_path, glue_dir, seed_cfg, max_train,
+                                 overwrite=True, source=source, data=data))
+    summary = {"task": data.task.name, "model": str(model_path), "seeds": seeds, "data": data.info,
+               "hparams": asdict(cfg), "metrics": summarize([r["best_metrics"] for r in runs]),
+               "runs": [f"seed-{s}/result.json" for s in seeds]}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def summarize(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """{split: {metric: {mean, std, n, values}}} over seeds (std: sample std, 0 for one seed)."""
+    out: dict = {}
+    for split in per_seed[0]:
+        out[split] = {}
+        for metric in per_seed[0][split]:
+            values = [r[split][metric] for r in per_seed]
+            out[split][metric] = {"mean": statistics.fmean(values),
+                                  "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                  "n": len(values), "values": values}
+    return out
+
+
+def format_result(result: dict) -> str:
+    """A small table a person can read: one row per dev split and metric."""
+    task = get_task(result["task"])
+    lines = [f"{task.display} | model {Path(result['model']).name} | train examples "
+             f"{result['data']['train_examples']} | seed(s) {result.get('seeds', result.get('seed'))}"]
+    if "metrics" in result:  # multi-seed summary
+        rows = [(split, m, f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}") for split, ms in result["metrics"].items()
+                for m, v in ms.items() if m != "loss"]
+    else:
+        rows = [(split, m, f"{100 * v:.2f}") for split, ms in (result.get("best_metrics") or {}).items()
+                for m, v in ms.items() if m != "loss"]
+        if result.get("examples_per_second"):
+            lines.append(f"best epoch {result['best_epoch']} | {result['wall_seconds']:.0f} s wall | "
+                         f"{result['examples_per_second']:.1f} train examples/s")
+    width = max((len(r[0]) for r in rows), default=5)
+    lines.append(f"{'split':<{width}}  {'metric':<9}  value (x100)")
+    lines += [f"{s:<{width}}  {m:<9}  {v}" for s, m, v in rows]
+    return "\n".join(lines)
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

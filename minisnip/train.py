@@ -1,0 +1,238 @@
+"""The fine-tuning loop: one place for optimiser, schedule, autocast, evaluation and best-checkpoint keeping.
+
+`fit` trains a `BertForSequenceClassification` on tokenized data (`minisnip.data.Encoded`) the way BERT is
+fine-tuned (Devlin et al. 2019): AdamW (no weight decay on biases and LayerNorms), linear warm-up then
+linear decay of the learning rate, gradient-norm clipping, dropout as configured. Pruning methods plug in
+through `penalty(model, traces, attention_mask) -> Tensor`, added to the task loss (SNIP's identity prior
+is one); when a penalty is given, the forward pass records one `LayerTrace` per layer for it.
+
+On a CPU a run repeats exactly for a seed: all randomness (data order, dropout, new heads) comes from it.
+On CUDA, bf16 autocast (fp16 with a gradient scaler where bf16 is missing) is on by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import save_pretrained
+from .data import Encoded, iterate, length_bucketed_batches, sorted_batches
+from .glue import GlueTask
+from .metrics import compute_metrics
+from .model import BertForSequenceClassification, LayerTrace
+from .tokenizer import Tokenizer
+
+Penalty = Callable[[nn.Module, list[LayerTrace], Tensor], Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step. The last good checkpoint stays on disk."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one fine-tuning run (defaults: BERT's GLUE recipe at batch 32, length 128)."""
+
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_length: int = 128
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU), "bf16", "fp16", "off"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype: None on CPU unless asked; bf16 on CUDA where supported, else fp16."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW without decay on biases and LayerNorm weights; LR: linear warm-up, then linear decay to 0."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Encoded, tokenizer: Tokenizer, batch_size: int = 128,
+            device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Logits (N, num_labels) in the data's original order, float32 on the CPU."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(data), model.config.num_labels)
+    for index, batch in iterate(data, sorted_batches(data.lengths, batch_size), tokenizer):
+        with autocast(device, dtype):
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                           batch["token_type_ids"].to(device))
+        out[index] = logits.float().cpu()
+    model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, data: Encoded, task: GlueTask, tokenizer: Tokenizer, batch_size: int = 128,
+             device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict[str, float]:
+    """The task's GLUE metrics on `data` (plus the mean loss)."""
+    logits = predict(model, data, tokenizer, batch_size, device, dtype)
+    metrics = compute_metrics(task, logits.numpy(), data.labels.numpy())
+    metrics["loss"] = float(model.loss(logits, data.labels))
+    return metrics
+
+
+@dataclass
+class History:
+    """What `fit` measured: per-epoch records, the best epoch, and throughput."""
+
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metrics: dict | None = None
+    steps: int = 0
+    train_seconds: float = 0.0
+    train_examples: int = 0
+    train_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["examples_per_second"] = self.train_examples / self.train_seconds if self.train_seconds else None
+        d["tokens_per_second"] = self.train_tokens / self.train_seconds if self.train_seconds else None
+        return d
+
+
+def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTask, train: Encoded,
+        dev: dict[str, Encoded], cfg: TrainConfig, out_dir: Path | None = None, penalty: Penalty | None = None,
+        restore_best: bool = True) -> History:
+    """Fine-tune `model` on `train`, evaluating on every `dev` split after each epoch.
+
+    The first dev split's main metric picks the best epoch; its weights are kept (in memory, and in
+    `out_dir/best` as a minisnip checkpoint with the tokenizer when `out_dir` is given) and restored at the
+    end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step.
+    """
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = amp_dtype(device, cfg.amp)
+    model.to(device)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history, best_state = History(), None
+    main_split = next(iter(dev))
+    progress = _progress(cfg.progress, steps_per_epoch * cfg.epochs, f"{task.display} fine-tune")
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0, loss_sum, pen_sum, n_batches = time.perf_counter(), 0.0, 0.0, 0
+        for _, batch in iterate(train, length_bucketed_batches(train.lengths, cfg.batch_size, cfg.seed + epoch),
+                                tokenizer):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            traces: list[LayerTrace] | None = [] if penalty is not None else None
+            with autocast(device, dtype):
+                logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], traces)
+                loss = model.loss(logits, batch["labels"])
+                pen = penalty(model, traces, batch["attention_mask"]) if penalty is not None else None
+            total = loss + pen if pen is not None else loss
+            if not torch.isfinite(total):
+                raise TrainingDiverged(
+                    f"loss became {float(total)} at step {history.steps + 1} (epoch {epoch}, batch {n_batches + 1}); "
+                    + (f"the last good checkpoint is {out_dir / 'best'}" if out_dir else "no checkpoint was kept"))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            history.steps += 1
+            n_batches += 1
+            loss_sum += loss.item()
+            pen_sum += pen.item() if pen is not None else 0.0
+            history.train_examples += batch["input_ids"].shape[0]
+            history.train_tokens += int(batch["attention_mask"].sum())
+            if progress is not None:
+                seconds = history.train_seconds + time.perf_counter() - t0
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{loss_sum / n_batches:.4f}",
+                                     ex_per_s=f"{history.train_examples / seconds:.1f}")
+        history.train_seconds += time.perf_counter() - t0
+        record = {"epoch": epoch, "train_loss": loss_sum / max(1, n_batches),
+                  "penalty": pen_sum / max(1, n_batches) if penalty is not None else None,
+                  "lr_end": sched.get_last_lr()[0], "dev": {}}
+        for name, data in dev.items():
+            record["dev"][name] = evaluate(model, data, task, tokenizer, cfg.eval_batch_size, device, dtype)
+        history.epochs.append(record)
+        score = record["dev"][main_split][task.main_metric]
+        if history.best_metrics is None or score > history.best_metrics[main_split][task.main_metric]:
+            history.best_epoch, history.best_metrics = epoch, record["dev"]
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if out_dir is not None:
+                save_pretrained(model, Path(out_dir) / "best", tokenizer=tokenizer)
+        if progress is not None:
+            progress.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, {main_split} "
+                           f"{task.main_metric} {score:.4f}")
+    if progress is not None:
+        progress.close()
+    if restore_best and best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
