@@ -23,7 +23,7 @@ from .data import Encoded, encode_dataset
 from .glue import GLUE_DIR_ENV, GlueTask, get_task, load_split
 from .model import BertForSequenceClassification
 from .tokenizer import Tokenizer, load_tokenizer
-from .train import History, TrainConfig, fit
+from .train import History, TrainConfig, fit, set_seed
 
 
 class RunDirError(FileExistsError):
@@ -93,6 +93,7 @@ def run_finetune(task: str, out: str | Path, model_path: str | Path | None = Non
     tokenizer = load_tokenizer(model_path)
     data = data or load_task_data(task, tokenizer, glue_dir, max_train, seed=cfg.seed,
                                   max_length=cfg.max_length, source=source)
+    set_seed(cfg.seed)  # the new classifier head is drawn from this seed
     model = load_classifier(model_path, data.task)
     result = {"status": "running", "task": data.task.name, "model": str(model_path), "data": data.info,
               "hparams": asdict(cfg), "seed": cfg.seed, "environment": environment()}

@@ -1,0 +1,63 @@
+"""Execute every tutorial notebook (notebooks/*.ipynb) top to bottom; any cell error fails the test.
+
+The kernel is "python3" pinned to the interpreter running pytest (so the venv's packages are used, whatever
+kernelspecs the user has installed), the working directory is notebooks/, and MINISNIP_FAST=1 asks the
+notebooks for their fast setting. The executed notebook is not written back.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+CELL_TIMEOUT_S = 300
+MAX_NOTEBOOK_BYTES = 1_000_000  # committed notebooks keep their outputs cleared (or small)
+
+
+@pytest.fixture
+def kernel_env(tmp_path, monkeypatch):
+    """A "python3" kernelspec that runs this interpreter, found first via JUPYTER_PATH."""
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (minisnip tests)", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("MINISNIP_FAST", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # let the kernel use its inline backend
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, kernel_env) -> None:
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S, startup_timeout=120,
+                                     allow_errors=False, resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    start = time.perf_counter()
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail(f"{path.name}: a cell raised an error\n{e}", pytrace=False)
+    except nbclient.exceptions.CellTimeoutError as e:
+        pytest.fail(f"{path.name}: a cell ran longer than {CELL_TIMEOUT_S}s\n{e}", pytrace=False)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, f"{path.name}: error outputs {[(o.ename, o.evalue) for o in errors]}"
+    print(f"{path.name}: {len(nb.cells)} cells in {time.perf_counter() - start:.1f}s")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_committed_small(path: Path) -> None:
+    """Committed notebooks are valid and keep outputs cleared or small (no embedded runs of data)."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    size = path.stat().st_size
+    assert size < MAX_NOTEBOOK_BYTES, f"{path.name} is {size:,} bytes; clear its outputs before committing"

@@ -1,0 +1,188 @@
+"""The fine-tuning harness: batching, the fit loop, run directories, result JSON, the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import minisnip
+from minisnip.__main__ import main
+from minisnip.data import length_bucketed_batches, sorted_batches
+from minisnip.finetune import RunDirError, load_classifier, load_task_data, run_finetune, run_seeds, summarize
+from minisnip.glue import get_task
+from minisnip.train import TrainConfig, TrainingDiverged, fit, make_optimizer
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, minilm_path) -> Path:
+    """A small random BERT (2 layers, hidden 32) with MiniLM's vocabulary and tokenizer, saved as a checkpoint."""
+    torch.manual_seed(0)
+    config = minisnip.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=128)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    minisnip.BertModel(config).save_pretrained(folder)
+    minisnip.load_tokenizer(minilm_path).save(folder)
+    return folder
+
+
+def quick_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-3, "max_length": 32, "progress": False, **kw})
+
+
+def test_length_buckets_cover_every_example_once_and_repeat_per_seed():
+    lengths = [(i * 37) % 50 + 1 for i in range(203)]
+    batches = length_bucketed_batches(lengths, batch_size=8, seed=3, pool=4)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(203))
+    assert batches == length_bucketed_batches(lengths, batch_size=8, seed=3, pool=4)
+    assert batches != length_bucketed_batches(lengths, batch_size=8, seed=4, pool=4)
+    # within a pool the batches are sorted: padding waste is far below that of random batches
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert waste < 0.25 * sum(lengths)
+    assert sorted(i for b in sorted_batches(lengths, 16) for i in b) == list(range(203))
+
+
+def test_schedule_warms_up_then_decays_linearly():
+    model = torch.nn.Linear(2, 2)
+    opt, sched = make_optimizer(model, TrainConfig(lr=1.0, warmup_ratio=0.2), total_steps=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+    # no weight decay on biases (and LayerNorm weights): 1-dim parameters are in the second group
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[1]["params"][0].dim() == 1
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb", "sst2"])
+def test_finetune_run_writes_result_and_loadable_best(tiny_folder, glue_fixtures_dir, tmp_path, task):
+    result = run_finetune(task, tmp_path / "run", tiny_folder, glue_fixtures_dir, quick_cfg())
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["status"] == "completed" and saved["task"] == task
+    for key in ("data", "hparams", "seed", "epochs", "best_epoch", "best_metrics", "wall_seconds",
+                "examples_per_second", "environment"):
+        assert saved[key] is not None, key
+    assert len(saved["epochs"]) == 2 and saved["data"]["source"] == "local"
+    main_metric = get_task(task).main_metric
+    assert main_metric in saved["best_metrics"]["dev"]
+    # the best checkpoint reproduces the best epoch's dev metric
+    best = minisnip.BertForSequenceClassification.from_pretrained(tmp_path / "run" / "best")
+    tokenizer = minisnip.load_tokenizer(tmp_path / "run" / "best")
+    data = load_task_data(task, tokenizer, glue_fixtures_dir, max_length=32)
+    from minisnip.train import evaluate
+    metrics = evaluate(best, data.dev["dev"], data.task, tokenizer)
+    assert metrics[main_metric] == pytest.approx(result["best_metrics"]["dev"][main_metric], abs=1e-6)
+
+
+def test_cpu_run_repeats_exactly_for_a_seed(tiny_folder, glue_fixtures_dir, tmp_path):
+    a = run_finetune("rte", tmp_path / "a", tiny_folder, glue_fixtures_dir, quick_cfg(seed=7))
+    b = run_finetune("rte", tmp_path / "b", tiny_folder, glue_fixtures_dir, quick_cfg(seed=7))
+    c = run_finetune("rte", tmp_path / "c", tiny_folder, glue_fixtures_dir, quick_cfg(seed=8))
+    assert [e["train_loss"] for e in a["epochs"]] == [e["train_loss"] for e in b["epochs"]]
+    assert [e["train_loss"] for e in a["epochs"]] != [e["train_loss"] for e in c["epochs"]]
+    wa = minisnip.BertForSequenceClassification.from_pretrained(tmp_path / "a" / "best").state_dict()
+    wb = minisnip.BertForSequenceClassification.from_pretrained(tmp_path / "b" / "best").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_learns_a_separable_toy_task(tiny_folder, glue_fixtures_dir):
+    """The loop really optimises: on the tiny SST-2 fixture the train loss falls well below log(2)."""
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("sst2", tokenizer, glue_fixtures_dir, max_length=32)
+    model = load_classifier(tiny_folder, data.task)
+    history = fit(model, tokenizer, data.task, data.train, {"train": data.train}, quick_cfg(epochs=40, lr=1e-2, warmup_ratio=0.0))
+    assert history.epochs[-1]["train_loss"] < 0.05
+    assert history.epochs[-1]["dev"]["train"]["accuracy"] == 1.0
+    assert history.epochs[-1]["dev"]["train"]["loss"] < 0.05
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_folder, glue_fixtures_dir, tmp_path):
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)
+    model = load_classifier(tiny_folder, data.task)
+    steps_per_epoch = -(-len(data.train) // 4)
+    calls = {"n": 0}
+
+    def penalty(model, traces, mask):  # finite through epoch 1, then NaN
+        calls["n"] += 1
+        return torch.tensor(float("nan") if calls["n"] > steps_per_epoch else 0.0)
+
+    with pytest.raises(TrainingDiverged, match=rf"step {steps_per_epoch + 1} \(epoch 2, batch 1\).*best"):
+        fit(model, tokenizer, data.task, data.train, data.dev, quick_cfg(), out_dir=tmp_path, penalty=penalty)
+    reloaded = minisnip.BertForSequenceClassification.from_pretrained(tmp_path / "best")
+    assert all(torch.isfinite(p).all() for p in reloaded.parameters())
+
+
+def test_ctrl_c_leaves_result_and_checkpoint_loadable(tiny_folder, glue_fixtures_dir, tmp_path, monkeypatch):
+    import minisnip.finetune as ft
+    real_fit = ft.fit
+
+    def interrupted_fit(model, tokenizer, task, train, *args, **kwargs):
+        calls, steps_per_epoch = {"n": 0}, -(-len(train) // 4)
+
+        def penalty(model, traces, mask):
+            calls["n"] += 1
+            if calls["n"] > steps_per_epoch:  # Ctrl-C in epoch 2, after epoch 1 saved its checkpoint
+                raise KeyboardInterrupt
+            return torch.zeros(())
+        return real_fit(model, tokenizer, task, train, *args, **kwargs, penalty=penalty)
+
+    monkeypatch.setattr(ft, "fit", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune("rte", tmp_path / "run", tiny_folder, glue_fixtures_dir, quick_cfg())
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "interrupted"
+    minisnip.BertForSequenceClassification.from_pretrained(tmp_path / "run" / "best")
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_run_dir_holding_a_run_is_refused_unless_overwrite(tiny_folder, glue_fixtures_dir, tmp_path):
+    run_finetune("wnli", tmp_path / "run", tiny_folder, glue_fixtures_dir, quick_cfg(epochs=1))
+    with pytest.raises(RunDirError, match="already holds a run.*--overwrite"):
+        run_finetune("wnli", tmp_path / "run", tiny_folder, glue_fixtures_dir, quick_cfg(epochs=1))
+    run_finetune("wnli", tmp_path / "run", tiny_folder, glue_fixtures_dir, quick_cfg(epochs=1), overwrite=True)
+
+
+def test_multi_seed_summary_reports_mean_and_std(tiny_folder, glue_fixtures_dir, tmp_path):
+    summary = run_seeds("mrpc", tmp_path / "seeds", [1, 2], tiny_folder, glue_fixtures_dir, quick_cfg(epochs=1))
+    f1 = summary["metrics"]["dev"]["f1"]
+    assert f1["n"] == 2 and len(f1["values"]) == 2
+    assert (tmp_path / "seeds" / "seed-1" / "result.json").exists() and (tmp_path / "seeds" / "summary.json").exists()
+    s = summarize([{"dev": {"accuracy": 0.5}}, {"dev": {"accuracy": 0.7}}, {"dev": {"accuracy": 0.9}}])
+    assert s["dev"]["accuracy"]["mean"] == pytest.approx(0.7)
+    assert s["dev"]["accuracy"]["std"] == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9
+
+
+def test_cli_finetune_then_evaluate(tiny_folder, glue_fixtures_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["finetune", "--task", "RTE", "--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder),
+                 "--epochs", "1", "--batch-size", "4", "--max-length", "32", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "RTE" in printed and "accuracy" in printed
+    assert main(["evaluate", "--task", "rte", "--glue-dir", str(glue_fixtures_dir), "--model", str(out / "best"),
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    assert saved["metrics"]["dev"]["accuracy"] == pytest.approx(result["best_metrics"]["dev"]["accuracy"])
+
+
+def test_cli_errors_are_clear(glue_fixtures_dir, tmp_path, capsys):
+    assert main(["finetune", "--task", "nosuchtask", "--glue-dir", str(glue_fixtures_dir),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "nosuchtask" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    assert e.value.code == 0
+    assert "--max-train" in capsys.readouterr().out
+
+
+def test_bad_hyper_parameters_are_refused():
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8")
