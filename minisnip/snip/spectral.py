@@ -1,0 +1,277 @@
+"""Spectral normalization of the branch weights, step by step (SNIP, Lin et al. 2020, Sec. 3).
+
+SNIP adds spectral normalization (SN) "to stabilise the distribution of post-activation values", so that a
+branch's function norm says how much the branch does, and thresholding it prunes well. The paper gives no
+formula for its SN; minisnip follows the SN of the authors' companion paper SNGP (Liu, Lin et al., NeurIPS
+2020; google/edward2 `SpectralNormalization`), itself the SN of Miyato et al. (ICLR 2018):
+
+    W_SN = W / max(1, σ̂(W) / c)  =  W · min(1, c / σ̂(W))                                       (SNGP, Eq. 11)
+
+σ̂(W) is the largest singular value of W, estimated by power iteration (Miyato et al. 2018, Alg. 1) with one
+step per training step; the vectors u, v persist between steps, so the estimate sharpens as W drifts slowly.
+Unlike Miyato's SN (W / σ̂, every matrix scaled to norm exactly 1), this SN only *caps* the norm at c: a
+matrix whose σ is below c is left as it is.
+
+The bound c (a reconstruction choice, nothing in the paper fixes it):
+- `bound="init"` (minisnip's default): c = σ(W) of each matrix when SN is attached, computed exactly. The
+  pretrained function is unchanged at step 0 and SN only stops each matrix from growing during fine-tuning.
+  (The power-iteration estimate u^T W v = ||W v|| can only be ≤ σ(W) = c, so the scale is 1 at step 0; c is
+  also raised to the estimate itself, against rounding, so eval outputs are bit-for-bit unchanged.)
+- a float c (SNGP: 0.95; Miyato: 1.0): one global constant. Pretrained BERT matrices have σ far above 1, so a
+  constant bound rescales every matrix, and the pretrained function is lost at step 0. Measured on
+  all-MiniLM-L6-v2 (`minisnip.default_model_path()`, 6 layers, hidden 384, FFN 1536), σ per matrix over layers:
+
+      W_Q (384x384)    4.60 .. 6.12        W_O    (384x384)     2.26 .. 3.29
+      W_K (384x384)    4.02 .. 6.84        W_1 up (1536x384)    7.44 .. 11.65
+      W_V (384x384)    2.50 .. 4.19        W_2 down (384x1536)  4.97 .. 9.42
+      (fused [W_Q; W_K; W_V] as one 1152x384 matrix: 5.37 .. 8.72)
+
+  With c = 1 every layer's FFN is scaled down by a factor 7-12 (up) times 5-9 (down); measured on four
+  sentences, the mean-pooled MiniLM embeddings then have cosine 0.28-0.50 to the original ones (c = 0.95:
+  about the same), while bound="init" leaves them bit-for-bit equal.
+
+How tight is the cap? σ̂ comes from one power step per training step from the previous u, so it lags when
+W moves fast. Measured (σ of the normalised matrix / c, worst over all matrices and steps): MiniLM with
+bound="init", AdamW lr 2e-5, 20 steps: 1 + 3e-5 (its σ₂/σ₁ are 0.57 .. 0.99). A random tiny BERT (std 0.02,
+small spectral gaps), 10 Adam steps: lr 1e-4: 1 + 8e-5; lr 1e-3: 1.29 (1.09 with n_power_iterations=5);
+lr 1e-2: 1.72 (1.05 with 5). Use more power iterations when weights move by percents per step.
+
+The fused QKV weight is normalised as three matrices (`blocks=3`): in BERT, W_Q, W_K and W_V are three
+separate linear maps that minisnip only stacks for speed. Normalising the stack would cap
+σ([W_Q; W_K; W_V]) ≥ max(σ_Q, σ_K, σ_V) and let the largest one (usually W_K or W_Q) decide the scale of all
+three; per-block SN gives each its own u, v and c, exactly as on an unfused BERT.
+
+Use: `apply_spectral_norm(model)` before fine-tuning; `spectral_norms(model)` to plot σ over training;
+`remove_spectral_norm(model)` before saving or physically pruning (`minisnip.surgery` rebuilds Linear
+layers from their current weights and would silently drop the parametrization).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..surgery import encoder_of
+
+BRANCH_MATRICES = ("qkv", "out", "up", "down")
+
+
+def spectral_norm_exact(W: Tensor) -> Tensor:
+    """σ(W), the largest singular value (from the SVD): the reference, and the bound c at attach time."""
+    W = W.detach()
+    return torch.linalg.matrix_norm(W.to(torch.promote_types(W.dtype, torch.float32)), ord=2).to(W.dtype)
+
+
+def power_iteration(W: Tensor, u: Tensor, n_iter: int = 1, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    """n_iter steps of Miyato et al. (2018), Alg. 1, from the left vector u; returns (σ̂, u, v).
+
+        v ← W^T u / ||W^T u||,   u ← W v / ||W v||,   σ̂ = u^T W v
+
+    u and v are computed without gradient (they are treated as constants, as in torch's `spectral_norm`);
+    σ̂ is differentiable w.r.t. W. σ̂ = ||W v|| ≤ σ(W): power iteration approaches σ from below.
+    """
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    with torch.no_grad():
+        v = u.new_zeros(W.shape[1])
+        for _ in range(n_iter):
+            v = F.normalize(W.t().mv(u), dim=0, eps=eps)
+            u = F.normalize(W.mv(v), dim=0, eps=eps)
+    return torch.dot(u, W.mv(v)), u, v
+
+
+class SpectralNorm(nn.Module):
+    """Parametrization W -> W · min(1, c / σ̂(W)), per block, for `parametrize.register_parametrization`.
+
+    weight: the (out, in) weight it will normalise (to size u, v and to set c). blocks: the number of
+    stacked matrices along dim 0 (3 for the fused QKV), each normalised on its own. bound: "init" (c = σ of
+    each block now) or a float. n_power_iterations: steps per forward in training mode; in eval mode the
+    stored u, v are used as they are, so eval forwards have no side effect. init_iterations: steps run
+    now so that u, v start close to the singular vectors.
+    """
+
+    u: Tensor
+    v: Tensor
+    bound: Tensor
+
+    def __init__(self, weight: Tensor, blocks: int = 1, bound: str | float = "init",
+                 n_power_iterations: int = 1, init_iterations: int = 100, eps: float = 1e-12,
+                 seed: int = 0):
+        super().__init__()
+        if weight.dim() != 2 or weight.shape[0] % blocks:
+            raise ValueError(f"expected a 2-d weight whose rows split into {blocks} blocks, got {tuple(weight.shape)}")
+        if n_power_iterations < 1 or init_iterations < 1:
+            raise ValueError(f"n_power_iterations and init_iterations must be >= 1, "
+                             f"got {n_power_iterations}, {init_iterations}")
+        self.blocks, self.n_power_iterations, self.eps = blocks, n_power_iterations, eps
+        mats = self._blocks(weight.detach())
+        # a private generator: attaching SN does not shift the global random stream (dropout, data order)
+        g = torch.Generator().manual_seed(seed)
+        u = torch.randn(blocks, mats.shape[1], generator=g).to(weight)
+        self.register_buffer("u", F.normalize(u, dim=1, eps=eps))
+        self.register_buffer("v", weight.new_zeros(blocks, mats.shape[2]))
+        self._power_method(mats, init_iterations)
+        if bound == "init":
+            # c = σ(W) exactly; max with the estimate σ̂ (≤ σ up to rounding) makes the step-0 scale exactly 1
+            c = torch.maximum(torch.stack([spectral_norm_exact(m) for m in mats]), self.sigma(weight.detach()))
+        elif isinstance(bound, (int, float)) and not isinstance(bound, bool) and bound > 0:
+            c = weight.new_full((blocks,), float(bound))
+        else:
+            raise ValueError(f'bound must be "init" or a positive number, got {bound!r}')
+        self.register_buffer("bound", c.to(weight))
+
+    def _blocks(self, W: Tensor) -> Tensor:
+        """(blocks * rows, in) -> (blocks, rows, in): a view, so gradients flow to W."""
+        return W.view(self.blocks, W.shape[0] // self.blocks, W.shape[1])
+
+    @torch.no_grad()
+    def _power_method(self, mats: Tensor, n_iter: int) -> None:
+        """Advance the stored u, v of every block by n_iter steps (in place: buffers keep their identity)."""
+        for b in range(self.blocks):
+            _, u, v = power_iteration(mats[b], self.u[b], n_iter, self.eps)
+            self.u[b].copy_(u)
+            self.v[b].copy_(v)
+
+    def sigma(self, W: Tensor) -> Tensor:
+        """σ̂ per block, u_b^T W_b v_b with the stored u, v (no iteration): shape (blocks,)."""
+        # clones: a second forward's in-place update of the buffers must not corrupt the first's graph
+        u, v = self.u.clone(), self.v.clone()
+        return torch.einsum("br,brc,bc->b", u, self._blocks(W), v)
+
+    def forward(self, W: Tensor) -> Tensor:
+        mats = self._blocks(W)
+        if self.training:
+            self._power_method(mats.detach(), self.n_power_iterations)
+        # min(1, c / σ̂) = 1 / max(1, σ̂ / c); the clamp keeps an all-zero matrix (σ̂ = 0) from dividing by 0
+        scale = torch.clamp(self.bound / self.sigma(W).clamp_min(self.eps), max=1.0)
+        return (mats * scale[:, None, None]).view_as(W)
+
+    def extra_repr(self) -> str:
+        c = ", ".join(f"{x:.3g}" for x in self.bound.tolist())
+        return f"blocks={self.blocks}, bound=[{c}], n_power_iterations={self.n_power_iterations}"
+
+
+def _branch_linears(model: nn.Module, which: Sequence[str] = BRANCH_MATRICES) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, Linear) for the chosen matrices of every present branch: "layers.3.attention.qkv", "layers.3.ffn.up"."""
+    unknown = set(which) - set(BRANCH_MATRICES)
+    if unknown:
+        raise ValueError(f"unknown matrices {sorted(unknown)}; choose from {BRANCH_MATRICES}")
+    for i, layer in enumerate(encoder_of(model).layers):
+        for branch_name, branch, names in (("attention", layer.attention, ("qkv", "out")),
+                                           ("ffn", layer.ffn, ("up", "down"))):
+            if branch is None:
+                continue
+            for n in names:
+                if n in which:
+                    yield f"layers.{i}.{branch_name}.{n}", getattr(branch, n)
+
+
+def _spectral_norms_of(linear: nn.Module) -> list[SpectralNorm]:
+    if not parametrize.is_parametrized(linear, "weight"):
+        return []
+    return [p for p in linear.parametrizations.weight if isinstance(p, SpectralNorm)]
+
+
+def register_spectral_norm(linear: nn.Linear, blocks: int = 1, bound: str | float = "init",
+                           n_power_iterations: int = 1, init_iterations: int = 100) -> SpectralNorm:
+    """Attach a `SpectralNorm` to one Linear's weight; returns it (its buffers: .u, .v, .bound)."""
+    sn = SpectralNorm(linear.weight, blocks=blocks, bound=bound, n_power_iterations=n_power_iterations,
+                      init_iterations=init_iterations)
+    # registration sets the parametrization to the host's mode and calls it once as a check: in eval mode
+    # that call runs no power-iteration step, so attaching leaves u, v as initialised
+    mode = linear.training
+    linear.train(False)
+    parametrize.register_parametrization(linear, "weight", sn)
+    linear.train(mode)
+    return sn
+
+
+def apply_spectral_norm(model: nn.Module, which: Sequence[str] = BRANCH_MATRICES, bound: str | float = "init",
+                        n_power_iterations: int = 1, init_iterations: int = 100) -> list[str]:
+    """Register `SpectralNorm` on the chosen weights of every present branch; returns the Linear names.
+
+    The fused `qkv` gets blocks=3 (W_Q, W_K, W_V each on its own). Works on a `BertModel` or a
+    `BertForSequenceClassification`; the classifier, pooler and embeddings are left alone (SNIP normalises
+    the residual branches, whose function norms it thresholds).
+    """
+    targets = list(_branch_linears(model, which))
+    for name, linear in targets:
+        if _spectral_norms_of(linear):
+            raise ValueError(f"{name} already has spectral normalization; call remove_spectral_norm first")
+    for name, linear in targets:
+        register_spectral_norm(linear, blocks=3 if name.endswith(".qkv") else 1, bound=bound,
+                               n_power_iterations=n_power_iterations, init_iterations=init_iterations)
+    return [name for name, _ in targets]
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Put every SpectralNorm in eval mode for a while, so reading `.weight` runs no power iteration."""
+    sns = [m for m in model.modules() if isinstance(m, SpectralNorm)]
+    modes = [m.training for m in sns]
+    try:
+        for m in sns:
+            m.train(False)
+        yield
+    finally:
+        for m, mode in zip(sns, modes):
+            m.train(mode)
+
+
+def remove_spectral_norm(model: nn.Module) -> list[str]:
+    """Bake W · min(1, c/σ̂) into plain weights (as eval mode computes it); returns the Linear names.
+
+    Afterwards the model has ordinary `nn.Linear` weights (same Parameter objects, so an optimizer still
+    holds them): it saves and loads with `save_pretrained` and can be pruned by `minisnip.surgery`.
+    """
+    removed = []
+    with _frozen(model):
+        for name, linear in _branch_linears(model):
+            if not _spectral_norms_of(linear):
+                continue
+            if len(linear.parametrizations.weight) != len(_spectral_norms_of(linear)):
+                raise ValueError(f"{name}.weight has other parametrizations besides SpectralNorm; remove them first")
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+            removed.append(name)
+    return removed
+
+
+@torch.no_grad()
+def spectral_norms(model: nn.Module, which: Sequence[str] = BRANCH_MATRICES) -> dict[str, float]:
+    """Exact σ of every branch matrix as the model uses it (normalised, when SN is on), for plots.
+
+    Names: "layers.3.attention.qkv.q" / ".k" / ".v", "layers.3.attention.out", "layers.3.ffn.up",
+    "layers.3.ffn.down". Reading the weights runs no power iteration, so this does not disturb training.
+    """
+    result: dict[str, float] = {}
+    with _frozen(model):
+        for name, linear in _branch_linears(model, which):
+            W = linear.weight
+            if name.endswith(".qkv"):
+                for t, block in zip("qkv", W.chunk(3, dim=0)):
+                    result[f"{name}.{t}"] = float(spectral_norm_exact(block))
+            else:
+                result[name] = float(spectral_norm_exact(W))
+    return result
+
+
+def spectral_bounds(model: nn.Module) -> dict[str, float]:
+    """The bound c of every normalised matrix, named as in `spectral_norms` (for plots of σ / c)."""
+    result: dict[str, float] = {}
+    for name, linear in _branch_linears(model):
+        for sn in _spectral_norms_of(linear):
+            c = sn.bound.tolist()
+            keys = [f"{name}.{t}" for t in "qkv"] if sn.blocks == 3 and name.endswith(".qkv") else [name]
+            if len(keys) != len(c):
+                keys = [f"{name}.{b}" for b in range(len(c))]
+            result.update(zip(keys, c))
+    return result
+
+
+__all__ = ["BRANCH_MATRICES", "SpectralNorm", "apply_spectral_norm", "power_iteration", "register_spectral_norm",
+           "remove_spectral_norm", "spectral_bounds", "spectral_norm_exact", "spectral_norms"]

@@ -1,0 +1,155 @@
+"""The identity prior: value, weights, gradients, and what minimising it does."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from minisnip.config import BertConfig
+from minisnip.model import BertModel
+from minisnip.snip import function_norms, identity_prior, list_branches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest (and are not slowed by busy machines) on one intra-op thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(hidden=64, heads=4, ffn=128, layers=2, seed=0, scale=0.2) -> BertModel:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    model = BertModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, scale)
+    return model
+
+
+def make_batch(b=3, s=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 5:] = 0
+    if b > 2:
+        mask[2, 2:] = 0
+    return ids * mask, mask
+
+
+def prior_of(model, ids, mask, **kw):
+    trace = []
+    model(ids, mask, trace=trace)
+    return identity_prior(model, trace, mask, **kw)
+
+
+def test_value_is_sum_of_function_norms():
+    m = make_model()
+    ids, mask = make_batch()
+    with torch.no_grad():
+        r = prior_of(m, ids, mask)
+    norms = function_norms(m, [{"input_ids": ids, "attention_mask": mask}], kinds=("head", "ffn"))
+    assert r.dim() == 0
+    assert r.item() == pytest.approx(sum(norms.values()), rel=1e-5)
+    with torch.no_grad():
+        r_all = prior_of(m, ids, mask, kinds=("head", "attention", "ffn", "neurons"), neuron_group_size=10)
+    norms = function_norms(m, [{"input_ids": ids, "attention_mask": mask}],
+                           kinds=("head", "attention", "ffn", "neurons"), neuron_group_size=10)
+    assert r_all.item() == pytest.approx(sum(norms.values()), rel=1e-5)
+
+
+def test_weights():
+    m = make_model()
+    ids, mask = make_batch()
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    norms = function_norms(m, batches, kinds=("head", "ffn"))
+    params = {b.name: b.params for b in list_branches(m, ("head", "ffn"))}
+    mean_p = sum(params.values()) / len(params)
+    with torch.no_grad():
+        r = prior_of(m, ids, mask, weights="params")
+        assert r.item() == pytest.approx(sum(norms[k] * params[k] / mean_p for k in norms), rel=1e-5)
+        w = {k: (2.0 if k.endswith("ffn") else 0.0) for k in norms}
+        w["layer9.ffn"] = 5.0  # extra names (pruned branches) are ignored
+        r = prior_of(m, ids, mask, weights=w)
+        assert r.item() == pytest.approx(2 * (norms["layer0.ffn"] + norms["layer1.ffn"]), rel=1e-5)
+        with pytest.raises(ValueError, match="no entry"):
+            prior_of(m, ids, mask, weights={"layer0.ffn": 1.0})
+        with pytest.raises(ValueError, match="weights"):
+            prior_of(m, ids, mask, weights="flops")
+
+
+def test_padding_excluded():
+    m = make_model()
+    ids, mask = make_batch()
+    with torch.no_grad():
+        a = prior_of(m, ids, mask)
+        b = prior_of(m, torch.where(mask.bool(), ids, torch.full_like(ids, 33)), mask)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+class PriorOf(torch.nn.Module):
+    """The prior of a batch as a module, so functional_call swaps the weights for the forward AND the Gram
+    matrices identity_prior reads from the layers."""
+
+    def __init__(self, model, **kw):
+        super().__init__()
+        self.m, self.kw = model, kw
+
+    def forward(self, ids, mask):
+        return prior_of(self.m, ids, mask, **self.kw)
+
+
+def test_gradcheck_double():
+    m = make_model(hidden=8, heads=2, ffn=8, layers=1, scale=0.5).double()
+    wrapper = PriorOf(m, kinds=("head", "attention", "ffn", "neurons"), weights="params", neuron_group_size=3)
+    ids, mask = make_batch(b=2, s=5)
+    names = ["m.layers.0.attention.qkv.weight", "m.layers.0.attention.out.weight", "m.layers.0.ffn.up.weight",
+             "m.layers.0.ffn.down.weight", "m.layers.0.ffn.down.bias", "m.embeddings.norm.weight"]
+    base = dict(wrapper.named_parameters())
+    inputs = tuple(base[n].detach().clone().requires_grad_(True) for n in names)
+
+    def f(*tensors):
+        return functional_call(wrapper, dict(zip(names, tensors)), (ids, mask))
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gated_branch_gives_finite_gradient():
+    m = make_model()
+    m.layers[0].attention.head_gate = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    ids, mask = make_batch()
+    r = prior_of(m, ids, mask)
+    r.backward()
+    assert torch.isfinite(r)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_minimising_the_prior_drives_branches_to_identity():
+    """Only the prior: the penalised branches' norms collapse; the post-LN layers keep outputs finite."""
+    m = make_model(hidden=32, heads=4, ffn=64, layers=2, scale=0.2)
+    ids, mask = make_batch(b=4, s=8)
+    data = [{"input_ids": ids, "attention_mask": mask}]
+    before = function_norms(m, data, kinds=("head", "ffn"))
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        prior_of(m, ids, mask).backward()
+        opt.step()
+    after = function_norms(m, data, kinds=("head", "ffn"))
+    assert max(after[k] / before[k] for k in before) < 0.05, after
+    with torch.no_grad():
+        trace = []
+        y = m(ids, mask, trace=trace)
+    assert torch.isfinite(y).all()
+    real = y[mask.bool()]
+    # each token is LayerNorm'd: zero mean and (LN weight-scaled) unit spread, not collapsed, not exploding
+    assert real.mean(-1).abs().max() < 1e-2 + m.layers[-1].ffn_norm.bias.abs().max()
+    assert math.isfinite(real.std().item()) and real.std().item() > 0.1
