@@ -102,7 +102,7 @@ class Attention(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout_p if self.training else 0.0)
         if self.head_gate is not None:
-            ctx = ctx * self.head_gate.view(1, -1, 1, 1).to(ctx.dtype)
+            ctx = ctx * self.head_gate.view(1, -1, 1, 1).to(ctx)
         return ctx
 
     def project(self, ctx: Tensor) -> Tensor:
@@ -110,7 +110,7 @@ class Attention(nn.Module):
         b, n, s, d = ctx.shape
         out = self.out(ctx.transpose(1, 2).reshape(b, s, n * d))
         if self.gate is not None:
-            out = out * self.gate.to(out.dtype)
+            out = out * self.gate.to(out)
         return out
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -166,14 +166,14 @@ class FeedForward(nn.Module):
         """Post-activation values act(W_1 h + b_1), gated per neuron if set: (batch, seq, ffn_dim)."""
         z = self.act(self.up(h))
         if self.neuron_gate is not None:
-            z = z * self.neuron_gate.to(z.dtype)
+            z = z * self.neuron_gate.to(z)
         return z
 
     def project(self, z: Tensor) -> Tensor:
         """W_2 z + b_2, gated if set."""
         out = self.down(z)
         if self.gate is not None:
-            out = out * self.gate.to(out.dtype)
+            out = out * self.gate.to(out)
         return out
 
     def forward(self, h: Tensor) -> Tensor:

@@ -95,7 +95,7 @@ def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int] | to
         width = ffn.ffn_dim if ffn is not None else 0
         ns = torch.as_tensor(list(ns) if not isinstance(ns, torch.Tensor) else ns, dtype=torch.long).unique()
         if ns.numel() and (int(ns.min()) < 0 or int(ns.max()) >= width):
-            raise PruningError(f"layer {layer}: neuron indices must lie in [0, {width}), got {ns.min()}..{ns.max()}")
+            raise PruningError(f"layer {layer}: neuron indices must lie in [0, {width}), got {int(ns.min())}..{int(ns.max())}")
         plan[layer] = ns
     _refuse_empty(enc, set(), {l for l, ns in plan.items() if ns.numel() and ns.numel() == enc.layers[l].ffn.ffn_dim},
                   allow_empty)

@@ -88,8 +88,8 @@ class Tokenizer:
     def encode(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
                max_length: int = 128) -> list[tuple[list[int], list[int]]]:
         """Token ids and token types per example, truncated `longest_first` to max_length, not padded."""
-        if isinstance(texts, str):
-            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        if isinstance(texts, str) or isinstance(pairs, str):
+            raise TypeError("encode takes a list of texts (and of pair texts); wrap a single text in a list")
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts")
         if not 2 < max_length <= self.max_length:

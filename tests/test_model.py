@@ -1,0 +1,322 @@
+"""The encoder computes what Hugging Face's BERT computes.
+
+Reference: `transformers.BertModel` / `BertForSequenceClassification` (test-only dependency), in eval mode and
+fp32, with both its "sdpa" and "eager" attention. Checked on the real all-MiniLM-L6-v2 checkpoint and on small
+random models saved by `transformers` itself (safetensors, `pytorch_model.bin`, and an old-style checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minisnip
+from minisnip.config import ConfigError
+from minisnip.model import LayerTrace
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["The sailors rode the breeze clear of the rocks.",
+         "Short one.",
+         "A considerably longer first segment, with punctuation; numbers like 3.14 and an accent: café.",
+         "hello"]
+PAIRS = ["They sailed safely past the rocks.",
+         "A pair whose second segment is much longer than the first one, so the batch needs padding.",
+         "Tiny.",
+         "world"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_path):
+    """(minisnip model, minisnip tokenizer) for all-MiniLM-L6-v2, loaded once per module."""
+    return minisnip.BertModel.from_pretrained(minilm_path).eval(), minisnip.load_tokenizer(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def batch(minilm):
+    """Sentence pairs of different lengths: padding and token type 1 both occur."""
+    _, tok = minilm
+    b = tok(TEXTS, PAIRS, max_length=128)
+    assert (b["attention_mask"] == 0).any() and (b["token_type_ids"] == 1).any()
+    return b
+
+
+def hf_reference(folder, impl: str, cls_name: str = "BertModel"):
+    return getattr(transformers, cls_name).from_pretrained(str(folder), attn_implementation=impl).eval()
+
+
+def test_tokenizer_inputs_equal_hf(minilm_path, minilm):
+    _, tok = minilm
+    ref = transformers.BertTokenizerFast.from_pretrained(str(minilm_path))
+    ours = tok(TEXTS, PAIRS, max_length=128)
+    theirs = ref(TEXTS, PAIRS, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_minilm_hidden_states_equal_hf(minilm_path, minilm, batch, impl):
+    model, _ = minilm
+    ref = hf_reference(minilm_path, impl)
+    with torch.no_grad():
+        ours = model(**batch)
+        out = ref(**batch)
+    theirs = out.last_hidden_state
+    assert ours.shape == theirs.shape == (len(TEXTS), batch["input_ids"].shape[1], 384)
+    real = batch["attention_mask"].bool()
+    # every real token within 1e-5
+    assert (ours - theirs)[real].abs().max() <= ATOL
+    # padded positions: their outputs are meaningless and badly conditioned (Hugging Face's own sdpa and eager
+    # paths differ there by ~2e-5 on this batch), so only a looser bound
+    assert (ours - theirs).abs().max() <= 1e-4
+    # and the pooler, on [CLS]
+    assert torch.allclose(model.pooler(ours), out.pooler_output, atol=ATOL, rtol=0)
+
+
+def test_minilm_single_sentences_equal_hf(minilm_path, minilm):
+    """Single sentences, no attention mask and no token types given: the defaults match Hugging Face's."""
+    model, tok = minilm
+    ids = tok(["A single sentence without a pair."])["input_ids"]
+    ref = hf_reference(minilm_path, "sdpa")
+    with torch.no_grad():
+        assert torch.allclose(model(ids), ref(ids).last_hidden_state, atol=ATOL, rtol=0)
+
+
+# --- small random models saved by transformers ----------------------------------------------------------------
+def _tiny_inputs(vocab_size: int = 1000, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros_like(ids)
+    types[0, 6:] = 1
+    types[1, 3:7] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def _old_style_state_dict(hf_model) -> dict[str, torch.Tensor]:
+    """What a BertForPreTraining checkpoint of 2019 holds: `bert.` prefixes, LayerNorm gamma/beta, cls.* heads."""
+    sd = {}
+    for k, v in hf_model.state_dict().items():
+        k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        sd["bert." + k] = v.clone()
+    hidden, vocab = hf_model.config.hidden_size, hf_model.config.vocab_size
+    sd["bert.embeddings.position_ids"] = torch.arange(hf_model.config.max_position_embeddings)[None]
+    sd["cls.predictions.bias"] = torch.randn(vocab)
+    sd["cls.predictions.transform.dense.weight"] = torch.randn(hidden, hidden)
+    sd["cls.predictions.transform.dense.bias"] = torch.randn(hidden)
+    sd["cls.predictions.transform.LayerNorm.gamma"] = torch.randn(hidden)
+    sd["cls.predictions.transform.LayerNorm.beta"] = torch.randn(hidden)
+    sd["cls.predictions.decoder.weight"] = sd["bert.embeddings.word_embeddings.weight"].clone()
+    sd["cls.seq_relationship.weight"] = torch.randn(2, hidden)
+    sd["cls.seq_relationship.bias"] = torch.randn(2)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory, hf_tiny_model):
+    """One random 2-layer HF BERT written three ways: safetensors, pytorch_model.bin, old-style .bin."""
+    hf = hf_tiny_model("BertModel", seed=0)
+    root = tmp_path_factory.mktemp("tiny_hf")
+    folders = {name: root / name for name in ("safetensors", "bin", "old_style")}
+    hf.save_pretrained(folders["safetensors"])
+    assert (folders["safetensors"] / "model.safetensors").is_file()
+    for name in ("bin", "old_style"):
+        folders[name].mkdir()
+        hf.config.to_json_file(folders[name] / "config.json")
+    torch.save(hf.state_dict(), folders["bin"] / "pytorch_model.bin")
+    torch.save(_old_style_state_dict(hf), folders["old_style"] / "pytorch_model.bin")
+    return folders
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "old_style"])
+def test_random_model_equals_hf(tiny_folders, fmt, impl):
+    folder = tiny_folders[fmt]
+    ref = hf_reference(tiny_folders["safetensors"], impl)
+    model = minisnip.BertModel.from_pretrained(folder).eval()
+    assert model.config.hidden_size == 64 and len(model.layers) == 2
+    inputs = _tiny_inputs()
+    with torch.no_grad():
+        ours = model(**inputs)
+        out = ref(**inputs)
+    assert ours.abs().max() > 0.5  # the comparison is not between two near-zero tensors
+    assert torch.allclose(ours, out.last_hidden_state, atol=ATOL, rtol=0)
+    assert torch.allclose(model.pooler(ours), out.pooler_output, atol=ATOL, rtol=0)
+
+
+def test_fused_qkv_holds_hf_query_key_value(tiny_folders):
+    """The fused rows are [Q; K; V], each head-major, exactly Hugging Face's matrices stacked."""
+    ref = hf_reference(tiny_folders["safetensors"], "eager")
+    model = minisnip.BertModel.from_pretrained(tiny_folders["safetensors"])
+    attn, hf_self = model.layers[1].attention, ref.encoder.layer[1].attention.self
+    for t, hf_lin in enumerate((hf_self.query, hf_self.key, hf_self.value)):
+        for h in range(4):
+            rows = attn.head_rows(h)[t]
+            assert torch.equal(attn.qkv.weight[rows], hf_lin.weight[h * 16:(h + 1) * 16])
+            assert torch.equal(attn.qkv.bias[rows], hf_lin.bias[h * 16:(h + 1) * 16])
+
+
+# --- classification ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_labels", [3, 1])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_classifier_logits_and_loss_equal_hf(tmp_path, hf_tiny_model, num_labels, impl):
+    hf = hf_tiny_model("BertForSequenceClassification", seed=2, num_labels=num_labels)
+    hf.save_pretrained(tmp_path)
+    ref = hf_reference(tmp_path, impl, "BertForSequenceClassification")
+    model = minisnip.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert model.config.num_labels == num_labels and model.is_regression == (num_labels == 1)
+    inputs = _tiny_inputs()
+    labels = torch.tensor([0, 2, 1]) if num_labels == 3 else torch.tensor([0.5, 4.25, 2.0])
+    with torch.no_grad():
+        logits = model(**inputs)
+        out = ref(**inputs, labels=labels)
+    assert logits.shape == (3, num_labels)
+    assert logits.abs().max() > 0.1
+    assert torch.allclose(logits, out.logits, atol=ATOL, rtol=0)
+    loss = model.loss(logits, labels)
+    assert loss.item() == pytest.approx(out.loss.item(), abs=1e-5)
+    expected = F.mse_loss(logits.squeeze(-1), labels) if num_labels == 1 else F.cross_entropy(logits, labels)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_classifier_from_plain_encoder_gets_new_head(tiny_folders, caplog):
+    """A BertModel folder gives a classifier whose encoder is the checkpoint's and whose head is new (and logged)."""
+    model = minisnip.BertForSequenceClassification.from_pretrained(tiny_folders["safetensors"], num_labels=3).eval()
+    enc = minisnip.BertModel.from_pretrained(tiny_folders["safetensors"])
+    assert all(torch.equal(a, b) for a, b in zip(model.bert.state_dict().values(), enc.state_dict().values()))
+    assert model.classifier.weight.shape == (3, 64)
+    assert "classifier head is newly initialised" in caplog.text
+
+
+# --- the trace and per-head outputs -------------------------------------------------------------------------------
+def test_trace_is_consistent(minilm, batch):
+    model, _ = minilm
+    trace: list[LayerTrace] = []
+    with torch.no_grad():
+        out = model(**batch, trace=trace)
+        emb = model.embeddings(batch["input_ids"], batch["token_type_ids"])
+    assert len(trace) == len(model.layers) == 6
+    b, s = batch["input_ids"].shape
+    assert torch.equal(trace[0].x, emb)
+    assert torch.equal(trace[-1].y, out)
+    for i, (t, layer) in enumerate(zip(trace, model.layers)):
+        assert t.context.shape == (b, 12, s, 32)
+        assert t.attention_out.shape == t.h.shape == t.y.shape == t.ffn_out.shape == (b, s, 384)
+        assert t.ffn_act.shape == (b, s, 1536)
+        if i:
+            assert torch.equal(t.x, trace[i - 1].y)
+        with torch.no_grad():
+            assert torch.allclose(layer.attention_norm(t.x + t.attention_out), t.h, atol=ATOL, rtol=0)
+            assert torch.allclose(layer.ffn_norm(t.h + t.ffn_out), t.y, atol=ATOL, rtol=0)
+            assert torch.allclose(layer.attention.project(t.context), t.attention_out, atol=ATOL, rtol=0)
+            assert torch.allclose(layer.ffn.project(t.ffn_act), t.ffn_out, atol=ATOL, rtol=0)
+            assert torch.allclose(layer.attention(t.x, batch["attention_mask"].bool()[:, None, None, :]),
+                                  t.attention_out, atol=ATOL, rtol=0)
+            assert torch.allclose(layer.ffn(t.h), t.ffn_out, atol=ATOL, rtol=0)
+        assert t.attention_out.norm() > 1.0 and t.ffn_out.norm() > 1.0  # real branches, not zeros
+
+
+def test_head_outputs_sum_to_projection(minilm, batch):
+    model, _ = minilm
+    trace: list[LayerTrace] = []
+    with torch.no_grad():
+        model(**batch, trace=trace)
+        for t, layer in zip(trace, model.layers):
+            per_head = layer.attention.head_outputs(t.context)
+            assert per_head.shape == (*t.context.shape[:1], 12, t.context.shape[2], 384)
+            total = per_head.sum(1) + layer.attention.out.bias
+            assert torch.allclose(total, layer.attention.project(t.context), atol=ATOL, rtol=0)
+            # each head's slice alone: W_O[:, cols_h] ctx_h
+            h = 5
+            alone = t.context[:, h] @ layer.attention.out.weight[:, layer.attention.head_columns(h)].T
+            assert torch.allclose(per_head[:, h], alone, atol=ATOL, rtol=0)
+
+
+def test_eval_is_deterministic_and_train_uses_dropout(minilm, batch):
+    model, _ = minilm
+    with torch.no_grad():
+        a, b = model(**batch), model(**batch)
+        assert torch.equal(a, b)
+        model.train()
+        try:
+            torch.manual_seed(0)
+            c = model(**batch)
+        finally:
+            model.eval()
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+# --- bad input --------------------------------------------------------------------------------------------------
+def test_hidden_size_not_divisible_by_heads():
+    with pytest.raises(ConfigError, match=r"hidden_size \(64\) is not divisible by num_attention_heads \(5\)"):
+        minisnip.BertConfig(hidden_size=64, num_attention_heads=5, intermediate_size=128)
+
+
+def test_config_rejects_bad_values(tiny_config):
+    with pytest.raises(ConfigError, match="'num_hidden_layers' must be a positive integer, got 0"):
+        tiny_config(num_hidden_layers=0)
+    with pytest.raises(ConfigError, match="hidden_act 'swish' is not supported"):
+        tiny_config(hidden_act="swish")
+    with pytest.raises(ConfigError, match=r"layers\[1\]\.heads must be increasing head indices in \[0, 4\), got \[0, 4\]"):
+        tiny_config(layers=[{"heads": [0], "ffn_dim": 8}, {"heads": [0, 4], "ffn_dim": 8}])
+    with pytest.raises(ConfigError, match=r"layers\[0\]\.ffn_dim must be in \[0, 128\], got 129"):
+        tiny_config(layers=[{"heads": [0], "ffn_dim": 129}, {"heads": [0], "ffn_dim": 8}])
+    with pytest.raises(ConfigError, match="'layers' lists 1 layer shapes but num_hidden_layers is 2"):
+        tiny_config(layers=[{"heads": [0], "ffn_dim": 8}])
+
+
+def test_config_json_round_trip(tiny_config):
+    c = tiny_config(layers=[{"heads": [1, 3], "ffn_dim": 0}, {"heads": [], "ffn_dim": 17}])
+    again = minisnip.BertConfig.from_dict(json.loads(c.to_json_string()))
+    assert again == c and again.is_pruned and not tiny_config().is_pruned
+    assert again.layers[0] == minisnip.LayerShape([1, 3], 0) and not again.layers[1].has_attention
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return tiny_model(max_position_embeddings=16)
+
+
+def test_token_id_outside_vocabulary(tiny):
+    ids = torch.tensor([[1, 2, 1000, 3]])
+    with pytest.raises(ValueError, match=r"token id 1000 is outside the vocabulary \[0, 1000\)"):
+        tiny(ids)
+    with pytest.raises(ValueError, match=r"token id -1 is outside the vocabulary"):
+        tiny(torch.tensor([[1, -1]]))
+
+
+def test_sequence_longer_than_positions(tiny):
+    with pytest.raises(ValueError, match="sequence length 17 exceeds max_position_embeddings 16"):
+        tiny(torch.ones(2, 17, dtype=torch.long))
+    assert tiny(torch.ones(2, 16, dtype=torch.long)).shape == (2, 16, 64)  # the limit itself is fine
+
+
+def test_empty_batch(tiny):
+    with pytest.raises(ValueError, match=r"empty batch: input_ids has shape \(0, 5\)"):
+        tiny(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"empty batch: input_ids has shape \(2, 0\)"):
+        tiny(torch.zeros(2, 0, dtype=torch.long))
+
+
+def test_attention_mask_wrong_shape(tiny):
+    ids = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 4\) but input_ids has shape \(2, 5\)"):
+        tiny(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token_type_ids has shape \(5,\) but input_ids has shape \(2, 5\)"):
+        tiny(ids, token_type_ids=torch.zeros(5, dtype=torch.long))
+
+
+def test_other_bad_inputs(tiny):
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\), got shape \(5,\)"):
+        tiny(torch.ones(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids must be integer token ids, got dtype torch.float32"):
+        tiny(torch.ones(1, 5))
+    with pytest.raises(ValueError, match=r"token_type_ids must lie in \[0, 2\), got values in \[0, 2\]"):
+        tiny(torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.tensor([[0, 1, 2]]))
