@@ -100,6 +100,7 @@ class PruneOutcome:
 
     norms: dict[str, float]
     removed: list[str]
+    branches: list[dict]  # every candidate branch: name, kind, layer, params, norm, removed
     report: dict
     tau: float | None
     scores: dict = field(default_factory=dict)
@@ -120,7 +121,7 @@ def snip_prune(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, tr
         remove_spectral_norm(model)
     scores = {"finetuned": dev_eval(), "finetune_history": history.to_dict()}
     if cfg.method == "dense":
-        return PruneOutcome(norms={}, removed=[], report={"compression": 0.0}, tau=None, scores=scores)
+        return PruneOutcome(norms={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, scores=scores)
     # 2. function norms on a calibration set
     calib = calibration_batches(data.train, tokenizer, cfg.calibration_examples, train_cfg.eval_batch_size,
                                 train_cfg.seed)
@@ -131,8 +132,11 @@ def snip_prune(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, tr
         names = select_for_target(branches, norms, cfg.target, per_param=cfg.per_param, model=model)
     else:
         names = select_below_threshold(norms, cfg.threshold)
-    removed_norms = [norms[n] for n in names if n in norms]
-    tau = max(removed_norms) if removed_norms else cfg.threshold
+    gone = set(names)
+    table = [{"name": b.name, "kind": b.kind, "layer": b.layer, "params": b.params, "norm": norms[b.name],
+              "removed": b.name in gone or b.parent in gone} for b in branches]
+    removed_norms = [b["norm"] for b in table if b["removed"]]
+    tau = max(removed_norms) if removed_norms else cfg.threshold  # the largest norm that went
     report = apply_pruning(model, names, neuron_group_size=group)
     log(f"removed {len(report['removed'])} branches: compression {report['compression']:.3f} "
         f"({COMPRESSION_DEFINITION})")
@@ -142,7 +146,7 @@ def snip_prune(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, tr
         rec_cfg = replace(train_cfg, epochs=cfg.recovery_epochs, seed=train_cfg.seed + 1)
         scores["recovery_history"] = fit(model, tokenizer, task, data.train, data.dev, rec_cfg).to_dict()
     scores["pruned"] = dev_eval()
-    return PruneOutcome(norms=norms, removed=names, report=report, tau=tau, scores=scores)
+    return PruneOutcome(norms=norms, removed=names, branches=table, report=report, tau=tau, scores=scores)
 
 
 def run_prune(task: str, out: str | Path, cfg: SnipConfig, model_path: str | Path | None = None,
@@ -176,7 +180,7 @@ def run_prune(task: str, out: str | Path, cfg: SnipConfig, model_path: str | Pat
         "compression": result["compression"], "compression_definition": COMPRESSION_DEFINITION,
         "why": "removed: the branches with the smallest function norms ||f_m|| (sqrt of the mean over real "
                "calibration tokens of ||f_m(x)||^2) until the target was met, or those under the threshold",
-        "removed": outcome.removed, "norms": outcome.norms, "report": outcome.report,
+        "removed": outcome.removed, "norms": outcome.norms, "branches": outcome.branches, "report": outcome.report,
         "layers": [asdict(l) for l in model.config.layers]})
     save_pretrained(model, out / "pruned", tokenizer=tokenizer)
     if plots and outcome.norms:
