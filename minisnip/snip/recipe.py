@@ -106,27 +106,31 @@ class PruneOutcome:
     scores: dict = field(default_factory=dict)
 
 
-def snip_prune(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, train_cfg: TrainConfig,
-               log=print) -> PruneOutcome:
-    """Steps 1-4 on `model` (a BertForSequenceClassification) in place; `data` is a `finetune.TaskData`."""
-    task = data.task
+def dev_scores(model: nn.Module, tokenizer: Tokenizer, data, batch_size: int = 128) -> dict:
+    """The task's metrics on every dev split of `data` (a `finetune.TaskData`)."""
+    return {k: evaluate(model, d, data.task, tokenizer, batch_size) for k, d in data.dev.items()}
+
+
+def train_with_prior(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, train_cfg: TrainConfig):
+    """Step 1: fine-tune with the identity prior (when the method has it) under spectral normalization (when
+    the method has it). SN is baked into plain weights afterwards. Returns `train.History`."""
     group = cfg.neuron_group_size or 2 * model.config.head_dim
-    dev_eval = lambda: {k: evaluate(model, d, task, tokenizer, train_cfg.eval_batch_size) for k, d in data.dev.items()}
-    # 1. fine-tune with the identity prior, under spectral normalization
     if cfg.uses_sn:
         apply_spectral_norm(model, bound=cfg.sn_bound)
     penalty = prior_penalty(cfg, group) if cfg.uses_prior else None
-    history = fit(model, tokenizer, task, data.train, data.dev, train_cfg, penalty=penalty)
+    history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, penalty=penalty)
     if cfg.uses_sn:
         remove_spectral_norm(model)
-    scores = {"finetuned": dev_eval(), "finetune_history": history.to_dict()}
-    if cfg.method == "dense":
-        return PruneOutcome(norms={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, scores=scores)
-    # 2. function norms on a calibration set
+    return history
+
+
+def threshold_and_remove(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig,
+                         train_cfg: TrainConfig) -> PruneOutcome:
+    """Steps 2-3: function norms on a calibration set, the thresholding operator, physical removal."""
+    group = cfg.neuron_group_size or 2 * model.config.head_dim
     calib = calibration_batches(data.train, tokenizer, cfg.calibration_examples, train_cfg.eval_batch_size,
                                 train_cfg.seed)
     norms = function_norms(model, calib, kinds=cfg.kinds, neuron_group_size=group, param_weighted=False)
-    # 3. the thresholding operator, then physical removal
     branches = list_branches(model, kinds=cfg.kinds, neuron_group_size=group)
     if cfg.target is not None:
         names = select_for_target(branches, norms, cfg.target, per_param=cfg.per_param, model=model)
@@ -138,15 +142,32 @@ def snip_prune(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, tr
     removed_norms = [b["norm"] for b in table if b["removed"]]
     tau = max(removed_norms) if removed_norms else cfg.threshold  # the largest norm that went
     report = apply_pruning(model, names, neuron_group_size=group)
-    log(f"removed {len(report['removed'])} branches: compression {report['compression']:.3f} "
+    return PruneOutcome(norms=norms, removed=names, branches=table, report=report, tau=tau)
+
+
+def recover(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, train_cfg: TrainConfig):
+    """Step 4: recovery fine-tuning of the pruned model, without prior or SN (seed + 1)."""
+    rec_cfg = replace(train_cfg, epochs=cfg.recovery_epochs, seed=train_cfg.seed + 1)
+    return fit(model, tokenizer, data.task, data.train, data.dev, rec_cfg)
+
+
+def snip_prune(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConfig, train_cfg: TrainConfig,
+               log=print) -> PruneOutcome:
+    """Steps 1-4 on `model` (a BertForSequenceClassification) in place; `data` is a `finetune.TaskData`."""
+    history = train_with_prior(model, tokenizer, data, cfg, train_cfg)
+    scores = {"finetuned": dev_scores(model, tokenizer, data, train_cfg.eval_batch_size),
+              "finetune_history": history.to_dict()}
+    if cfg.method == "dense":
+        return PruneOutcome(norms={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, scores=scores)
+    outcome = threshold_and_remove(model, tokenizer, data, cfg, train_cfg)
+    log(f"removed {len(outcome.report['removed'])} branches: compression {outcome.report['compression']:.3f} "
         f"({COMPRESSION_DEFINITION})")
-    scores["pruned_before_recovery"] = dev_eval()
-    # 4. recovery fine-tune, no prior, no SN
+    scores["pruned_before_recovery"] = dev_scores(model, tokenizer, data, train_cfg.eval_batch_size)
     if cfg.recovery_epochs:
-        rec_cfg = replace(train_cfg, epochs=cfg.recovery_epochs, seed=train_cfg.seed + 1)
-        scores["recovery_history"] = fit(model, tokenizer, task, data.train, data.dev, rec_cfg).to_dict()
-    scores["pruned"] = dev_eval()
-    return PruneOutcome(norms=norms, removed=names, branches=table, report=report, tau=tau, scores=scores)
+        scores["recovery_history"] = recover(model, tokenizer, data, cfg, train_cfg).to_dict()
+    scores["pruned"] = dev_scores(model, tokenizer, data, train_cfg.eval_batch_size)
+    outcome.scores = scores
+    return outcome
 
 
 def run_prune(task: str, out: str | Path, cfg: SnipConfig, model_path: str | Path | None = None,
