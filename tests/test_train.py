@@ -186,3 +186,17 @@ def test_bad_hyper_parameters_are_refused():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="amp"):
         TrainConfig(amp="fp8")
+
+
+def test_bf16_autocast_path_runs_and_learns(tiny_folder, glue_fixtures_dir):
+    """The autocast branch (bf16 on CUDA by default) exercised on the CPU, where autocast supports bf16 too."""
+    from minisnip.train import amp_dtype, resolve_device
+    assert amp_dtype(torch.device("cpu"), "auto") is None and amp_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("sst2", tokenizer, glue_fixtures_dir, max_length=32)
+    model = load_classifier(tiny_folder, data.task)
+    history = fit(model, tokenizer, data.task, data.train, {"train": data.train},
+                  quick_cfg(epochs=30, lr=1e-2, warmup_ratio=0.0, amp="bf16"))
+    assert history.epochs[-1]["train_loss"] < 0.1
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert resolve_device("cpu").type == "cpu"

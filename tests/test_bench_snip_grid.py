@@ -1,0 +1,44 @@
+"""bench/snip_grid.py on the tiny GLUE fixtures: the grid's bookkeeping (no timing, no quality thresholds)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+import minisnip
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("snip_grid", REPO / "bench" / "snip_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, minilm_path):
+    torch.manual_seed(0)
+    config = minisnip.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path / "tiny"
+    minisnip.BertModel(config).save_pretrained(folder)
+    minisnip.load_tokenizer(minilm_path).save(folder)
+    grid = load_script()
+    argv = ["--glue-dir", str(glue_fixtures_dir), "--model", str(folder), "--tasks", "rte", "--seeds", "1", "2",
+            "--compressions", "0.3", "0.5", "--max-train", "8", "--epochs", "1", "--batch-size", "4",
+            "--max-length", "32", "--out", str(tmp_path / "grid")]
+    assert grid.main(argv) == 0
+    records = [json.loads(l) for l in (tmp_path / "grid.jsonl").read_text().splitlines()]
+    # per seed: dense once, three pruning methods at two compressions each
+    assert len(records) == 2 * (1 + 3 * 2)
+    for r in records:
+        assert r["method"] == "dense" or r["compression"] >= r["target"]
+    summary = json.loads((tmp_path / "grid.json").read_text())["summary"]
+    assert summary["rte"]["snip"]["0.5"]["n"] == 2
+    assert "| rte | accuracy | snip |" in (tmp_path / "grid.md").read_text()
+    assert grid.main(argv) == 0  # resumes: nothing left to run, nothing duplicated
+    assert len((tmp_path / "grid.jsonl").read_text().splitlines()) == len(records)
