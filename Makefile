@@ -22,7 +22,8 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 main: $(STAMP)
-	$(BIN)/python -m minisnip finetune --task sst2 --glue-dir $(GLUE_DIR) --max-train 2000 --epochs 2 --out $(OUT) --overwrite
+	$(BIN)/python -m minisnip prune --method snip --target 0.5 --task sst2 --glue-dir $(GLUE_DIR) \
+		--max-train 1000 --epochs 3 --lr 1e-4 --out $(OUT) --overwrite
 
 test: $(STAMP)
 	MINISNIP_GLUE_DIR=$(GLUE_DIR) $(BIN)/python -m pytest -q
