@@ -265,8 +265,12 @@ class BertModel(nn.Module):
         self.apply(lambda m: init_weights(m, config.initializer_range))
 
     def check_inputs(self, input_ids: Tensor, attention_mask: Tensor | None,
-                     token_type_ids: Tensor | None) -> None:
-        """Raise ValueError naming the argument and value for inputs the model cannot take."""
+                     token_type_ids: Tensor | None) -> bool:
+        """Raise ValueError naming the argument and value for inputs the model cannot take.
+
+        Returns whether the attention mask hides any token (padding present). The value checks read one
+        small tensor back from the device, so a GPU forward pays a single synchronisation for all of them.
+        """
         c = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -277,17 +281,19 @@ class BertModel(nn.Module):
         if input_ids.shape[1] > c.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                              f"{c.max_position_embeddings}; truncate with the tokenizer's max_length")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= c.vocab_size:
-            raise ValueError(f"token id {hi if hi >= c.vocab_size else lo} is outside the vocabulary "
-                             f"[0, {c.vocab_size}) of this model")
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has shape {tuple(input_ids.shape)}")
-        if token_type_ids is not None and (int(token_type_ids.min()) < 0
-                                           or int(token_type_ids.max()) >= c.type_vocab_size):
-            raise ValueError(f"token_type_ids must lie in [0, {c.type_vocab_size}), got values in "
-                             f"[{int(token_type_ids.min())}, {int(token_type_ids.max())}]")
+        types = token_type_ids if token_type_ids is not None else input_ids.new_zeros(())
+        padded = (attention_mask == 0).any() if attention_mask is not None else input_ids.new_zeros((), dtype=torch.bool)
+        lo, hi, tlo, thi, has_padding = torch.stack([input_ids.min().long(), input_ids.max().long(), types.min().long(),
+                                                     types.max().long(), padded.long()]).tolist()
+        if lo < 0 or hi >= c.vocab_size:
+            raise ValueError(f"token id {hi if hi >= c.vocab_size else lo} is outside the vocabulary "
+                             f"[0, {c.vocab_size}) of this model")
+        if tlo < 0 or thi >= c.type_vocab_size:
+            raise ValueError(f"token_type_ids must lie in [0, {c.type_vocab_size}), got values in [{tlo}, {thi}]")
+        return bool(has_padding)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None) -> Tensor:
@@ -296,11 +302,11 @@ class BertModel(nn.Module):
         attention_mask: 1 for real tokens, 0 for padding (default: all real). token_type_ids: segment A/B
         (default 0). trace: pass an empty list to receive one `LayerTrace` per layer.
         """
-        self.check_inputs(input_ids, attention_mask, token_type_ids)
+        has_padding = self.check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if has_padding:  # without padding, attention needs no mask (and takes its fastest kernel)
             mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): True = may attend
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.layers:
