@@ -188,7 +188,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
             total = loss + pen if pen is not None else loss
             if not torch.isfinite(total):
                 raise TrainingDiverged(
-                    f"loss became {float(total)} at step {history.steps + 1} (epoch {epoch}, batch {n_batches + 1}); "
+                    f"loss became {total.item()} at step {history.steps + 1} (epoch {epoch}, batch {n_batches + 1}); "
                     + (f"the last good checkpoint is {out_dir / 'best'}" if out_dir else "no checkpoint was kept"))
             opt.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
