@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=None,
                    help="compression to reach, in (0, 1): share of encoder linear-layer weights removed (0.5)")
     p.add_argument("--threshold", type=float, default=None, help="instead of --target: remove branches with norm < τ")
-    p.add_argument("--prior-lambda", type=float, default=1e-3, help="strength λ of the identity prior (1e-3)")
+    p.add_argument("--prior-lambda", type=float, default=3e-4, help="strength λ of the identity prior (3e-4)")
     p.add_argument("--sn-bound", default="init", help="spectral-norm bound c: 'init' (σ at load time) or a number")
     p.add_argument("--group-size", type=int, default=None, help="FFN neurons per branch (default 2 x head_dim)")
     p.add_argument("--per-param", action="store_true", help="rank branches by norm per parameter")

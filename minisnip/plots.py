@@ -80,3 +80,129 @@ def plot_kept_map(dense: BertConfig, pruned: BertConfig, path: str | Path | None
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+# --- post-activation statistics and pruning sweeps (used by notebooks/02) ------------------------------------
+
+def _hist_density(s) -> tuple[np.ndarray, np.ndarray]:
+    """(bin centres, density) of a `minisnip.stats.RunningStats` histogram; the density is normalised by ALL
+    finite values (under/overflow included), so its area is the share of values inside the range."""
+    edges = s.edges.numpy()
+    counts = s.counts.numpy().astype(float)
+    width = edges[1] - edges[0]
+    return (edges[:-1] + edges[1:]) / 2, counts / max(s.count, 1) / width
+
+
+def plot_activation_ridges(stats: Mapping[str, object], quantity: str, ax=None, title: str | None = None,
+                           decades: float = 4.0, xlabel: str | None = None, colors: Sequence[str] | None = None,
+                           linestyles: Sequence[str] | None = None):
+    """Ridge plot of one traced quantity: one ridge per layer (layer 0 at the bottom), one curve per entry of
+    `stats` ({label: `minisnip.stats.ActivationStats`}), read off the fixed-bin histograms.
+
+    Ridge height is log10 of the density, showing `decades` decades below each layer's highest density (over
+    all entries, so the curves of one layer compare directly): the tails, where a change of scale shows, are
+    visible next to the peak. Values outside the histogram range are left out (their share is in the
+    stats' under/overflow counts). The first entry is also filled. Returns the axes.
+    """
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 5))
+    labels = list(stats)
+    colors = list(colors) if colors is not None else [f"C{i}" for i in range(len(labels))]
+    linestyles = list(linestyles) if linestyles is not None else ["-"] * len(labels)
+    layers = sorted({layer for st in stats.values() for (layer, q) in st.stats if q == quantity})
+    if not layers:
+        raise ValueError(f"no statistics for quantity {quantity!r}")
+    for layer in layers:
+        curves = {lab: _hist_density(st[layer, quantity]) for lab, st in stats.items() if (layer, quantity) in st}
+        top = max(float(np.log10(d.max())) for _, d in curves.values() if d.max() > 0)
+        for i, lab in enumerate(labels):
+            if lab not in curves:
+                continue
+            x, d = curves[lab]
+            with np.errstate(divide="ignore"):
+                h = (np.log10(np.where(d > 0, d, np.nan)) - (top - decades)) / decades
+            h = np.clip(np.nan_to_num(h, nan=0.0), 0.0, 1.0) * 0.9
+            ax.plot(x, layer + h, color=colors[i], ls=linestyles[i], lw=1.2, label=lab if layer == layers[0] else None)
+            if i == 0:
+                ax.fill_between(x, layer, layer + h, color=colors[i], alpha=0.15, lw=0)
+        ax.axhline(layer, color="0.85", lw=0.6, zorder=0)
+    ax.set_yticks(layers, [f"layer {l}" for l in layers])
+    ax.set_ylim(layers[0] - 0.1, layers[-1] + 1.45)
+    ax.set_xlabel(xlabel or f"{quantity} value (hidden-state units)")
+    ax.set_ylabel(f"layer; ridge height = log10 density ({decades:g} decades)")
+    ax.set_title(title or f"Per-layer distribution of {quantity}")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(labels), frameon=False)
+    return ax
+
+
+def plot_quantile_bands(stats: Mapping[str, object], quantity: str, ax=None, title: str | None = None,
+                        outer: tuple[float, float] = (0.01, 0.99), inner: tuple[float, float] = (0.25, 0.75),
+                        ylabel: str | None = None, colors: Sequence[str] | None = None):
+    """Per layer and per entry of `stats` ({label: ActivationStats}): a thin bar over the `outer` quantiles, a
+    thick bar over the `inner` ones and a dot at the median (quantiles read off the histograms). Returns ax."""
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    labels = list(stats)
+    colors = list(colors) if colors is not None else [f"C{i}" for i in range(len(labels))]
+    width = 0.8 / max(len(labels), 1)
+    layers = sorted({layer for st in stats.values() for (layer, q) in st.stats if q == quantity})
+    for i, lab in enumerate(labels):
+        st = stats[lab]
+        xs = [l for l in layers if (l, quantity) in st]
+        x = np.array(xs) + (i - (len(labels) - 1) / 2) * width
+        q = {p: np.array([st[l, quantity].quantile(p) for l in xs]) for p in (*outer, *inner, 0.5)}
+        ax.vlines(x, q[outer[0]], q[outer[1]], color=colors[i], lw=1.2)
+        ax.vlines(x, q[inner[0]], q[inner[1]], color=colors[i], lw=5, alpha=0.7,
+                  label=f"{lab}")
+        ax.plot(x, q[0.5], "o", color="white", mec=colors[i], ms=4)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.2 * (hi - lo))  # room for the legend
+    ax.set_xticks(layers, [f"layer {l}" for l in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel or f"{quantity} value (hidden-state units)")
+    ax.set_title(title or f"{quantity}: {int(100 * outer[0])}-{int(100 * outer[1])}% (thin), "
+                          f"{int(100 * inner[0])}-{int(100 * inner[1])}% (thick), median (dot)")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(labels), frameon=False)
+    return ax
+
+
+def plot_removed_grid(removed: Mapping[str, Mapping[str, Sequence[str]]], num_layers: int, num_heads: int,
+                      num_groups: int, title: str = "Branches kept (dark) and removed (light)"):
+    """Which branches a selection removes, as a grid of small maps: one row per method, one column per setting
+    (e.g. target compression), `removed[method][setting]` = the removed branch names (as `select_for_target`
+    returns them; a block name removes all its heads / neuron groups). Each map is layers x [heads | neuron
+    groups], dark = kept. Returns the figure."""
+    from .snip.branches import parse_name
+    plt = _pyplot()
+    rows, cols = list(removed), list(next(iter(removed.values())))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.9 * len(cols) + 0.6, 1.6 * len(rows) + 0.9),
+                             squeeze=False, sharex=True, sharey=True)
+    for r, method in enumerate(rows):
+        for c, setting in enumerate(cols):
+            kept = np.ones((num_layers, num_heads + 1 + num_groups))
+            kept[:, num_heads] = np.nan  # separator column
+            for name in removed[method].get(setting, ()):
+                layer, kind, index = parse_name(name)
+                if kind == "attention":
+                    kept[layer, :num_heads] = 0
+                elif kind == "head":
+                    kept[layer, index] = 0
+                elif kind == "ffn":
+                    kept[layer, num_heads + 1:] = 0
+                else:
+                    kept[layer, num_heads + 1 + index] = 0
+            ax = axes[r, c]
+            ax.imshow(kept, cmap="Greys", vmin=-0.3, vmax=1, aspect="auto", interpolation="nearest")
+            if r == 0:
+                ax.set_title(str(setting), fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{method}\nlayer", fontsize=9)
+            if r == len(rows) - 1:
+                ax.set_xticks([num_heads / 2 - 0.5, num_heads + 1 + num_groups / 2 - 0.5], ["heads", "FFN groups"],
+                              fontsize=8)
+            ax.set_yticks(range(num_layers), [str(i) for i in range(num_layers)], fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

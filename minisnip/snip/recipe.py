@@ -45,7 +45,7 @@ class SnipConfig:
     method: str = "snip"
     target: float | None = 0.5  # compression to reach (share of encoder linear-layer weights removed)
     threshold: float | None = None  # alternatively: remove every branch with ||f_m|| < threshold
-    prior_lambda: float = 1e-3
+    prior_lambda: float = 3e-4
     kinds: tuple[str, ...] = ("head", "neurons")  # penalised and thresholded branches
     neuron_group_size: int | None = None  # None: 2 * head_dim
     prior_weights: str | None = "params"  # w_m ∝ parameters of branch m (mean 1), or None for w_m = 1
