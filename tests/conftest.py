@@ -85,3 +85,17 @@ def hf_tiny_model():
         config = transformers.BertConfig(**{**TINY_SIZES, **overrides})
         return randomize_(getattr(transformers, cls_name)(config), seed)
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_settings():
+    """Benchmarks' `main()` set process-wide state (torch threads, log levels) as command-line programs do;
+    tests that call them in-process must not leak it into the tests that follow."""
+    import logging
+
+    import torch
+
+    threads, level = torch.get_num_threads(), logging.getLogger("minisnip").level
+    yield
+    torch.set_num_threads(threads)
+    logging.getLogger("minisnip").setLevel(level)
