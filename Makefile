@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-GLUE_DIR ?= $(or $(MINISNIP_GLUE_DIR),../shared/data/glue)
+GLUE_DIR ?= $(abspath $(or $(MINISNIP_GLUE_DIR),../shared/data/glue))
 OUT ?= runs/main
 
 .PHONY: install main test bench clean
