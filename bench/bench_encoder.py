@@ -26,7 +26,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
+from bench.machine import loadavg, machine_info  # noqa: E402
 from minisnip.model import BertModel  # noqa: E402
 from minisnip.surgery import prune_ffn_neurons, prune_heads  # noqa: E402
 
@@ -83,38 +83,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.batch, args.rounds, args.iters, args.threads) < 1 or args.seq < 2 or args.warmup < 0:
         p.error("batch, rounds, iters and threads must be >= 1, seq >= 2 ([CLS] ... [SEP]), warmup >= 0")
     return args
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
-def machine_info(device: str) -> dict:
-    import transformers
-    info = {
-        "torch": torch.__version__, "transformers": transformers.__version__, "minisnip": minisnip.__version__,
-        "python": platform.python_version(), "platform": platform.platform(), "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
-        "device": device, "loadavg_1m_start": _loadavg(),
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 # --- models and inputs ---------------------------------------------------------------------------------
@@ -282,7 +250,7 @@ def pruned_copy(ms: BertModel) -> BertModel:
 # --- one device --------------------------------------------------------------------------------------------
 def run_device(args: argparse.Namespace, folder: Path, device: str) -> dict:
     torch.manual_seed(args.seed)
-    load_start = _loadavg()
+    load_start = loadavg()
     if load_start is not None and device == "cpu" and load_start > 0.5:
         print(f"[{device}] note: 1-minute load average is {load_start:.1f} before starting; other processes "
               "competing for the CPU make the timings noisy (the ratio, measured interleaved, suffers less)",
@@ -319,7 +287,7 @@ def run_device(args: argparse.Namespace, folder: Path, device: str) -> dict:
     settings["dtype"] = "bf16 autocast" if device == "cuda" else "float32"
     settings["model"] = str(folder)
     machine = machine_info(device)
-    machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, _loadavg()
+    machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, loadavg()
     return {"machine": machine, "settings": settings, "cases": cases}
 
 

@@ -32,16 +32,14 @@ same batches must give the same loss at every step (relative tolerance --check-t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,6 +51,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
+from bench.machine import loadavg, machine_info  # noqa: E402
 import minisnip.train as minisnip_train  # noqa: E402
 from minisnip.data import Encoded, iterate, length_bucketed_batches  # noqa: E402
 from minisnip.finetune import load_classifier, load_task_data  # noqa: E402
@@ -124,35 +123,6 @@ def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:
                        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm, seed=seed, device=args.device,
                        amp="auto" if args.device == "cuda" else "off", progress=False)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
-def machine_info(device: str) -> dict:
-    import transformers
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "minisnip": minisnip.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch_interop_threads": torch.get_num_interop_threads(), "device": device}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 # --- the two models ----------------------------------------------------------------------------------------
@@ -432,7 +402,7 @@ def run_task(args: argparse.Namespace, folder: Path, tokenizer: Tokenizer, task_
         init_diff = max_logit_diff(ms, hf, dev[first], tokenizer, args.device)
         order = (MS, REF) if i % 2 == 0 else (REF, MS)  # A B, B A, ...: drift hits both
         for impl in order:
-            load = _loadavg()
+            load = loadavg()
             run = (train_minisnip(ms, tokenizer, task, train, dev, cfg) if impl == MS
                    else train_reference(hf, tokenizer, task, train, dev, cfg))
             s = summarize_run(run, task)
@@ -536,7 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("minisnip").setLevel(logging.ERROR)  # "head newly initialised": expected here
     folder = Path(args.model) if args.model else minisnip.default_model_path()
     tokenizer = load_tokenizer(folder)
-    t0, load_start = time.perf_counter(), _loadavg()
+    t0, load_start = time.perf_counter(), loadavg()
     tasks = [run_task(args, folder, tokenizer, name, check=i == 0) for i, name in enumerate(args.task)]
     settings = {k: getattr(args, k) for k in ("task", "seeds", "max_train", "max_dev", "epochs", "lr", "batch_size",
                                               "max_length", "warmup_ratio", "weight_decay", "max_grad_norm",
@@ -547,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
                     dtype="bf16 autocast" if args.device == "cuda" else "float32",
                     eval_batch_size=TrainConfig().eval_batch_size)
     machine = machine_info(args.device)
-    machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, _loadavg()
+    machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, loadavg()
     result = {"machine": machine, "settings": settings, "wall_seconds": time.perf_counter() - t0, "tasks": tasks}
     json_path, md_path = output_paths(args.out, args.device, args.quick)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -99,3 +99,32 @@ def _restore_process_settings():
     yield
     torch.set_num_threads(threads)
     logging.getLogger("minisnip").setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: they run fastest so, and are not slowed by
+    threads fighting other processes for the cores on a busy machine (`pytestmark = usefixtures(...)`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, minilm_path) -> Path:
+    """A small random BERT checkpoint folder (2 layers, hidden 32, 4 heads of 8, FFN 64) with MiniLM's vocabulary
+    and tokenizer: fast enough to fine-tune and prune in tests on the GLUE fixtures."""
+    import torch
+
+    import minisnip
+
+    torch.manual_seed(0)
+    config = minisnip.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=128)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    minisnip.BertModel(config).save_pretrained(folder)
+    minisnip.load_tokenizer(minilm_path).save(folder)
+    return folder

@@ -24,6 +24,9 @@ def _load_bench():
     return module
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("transformers")
@@ -74,7 +77,7 @@ def test_disable_dropout_reaches_every_dropout(bench, minilm_path):
 
 
 def test_quick_run_writes_json_and_markdown(bench, minilm_path, glue_fixtures_dir, tmp_path):
-    result = bench.main(["--quick", "--glue-dir", str(glue_fixtures_dir), "--out", str(tmp_path)])
+    result = bench.main(["--quick", "--threads", "1", "--glue-dir", str(glue_fixtures_dir), "--out", str(tmp_path)])
     data = json.loads((tmp_path / "finetune_cpu.json").read_text())
     assert data == json.loads(json.dumps(result))
     assert {"machine", "settings", "tasks", "wall_seconds"} <= set(data)

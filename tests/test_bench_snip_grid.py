@@ -6,9 +6,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import torch
-
-import minisnip
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,13 +17,8 @@ def load_script():
     return module
 
 
-def test_grid_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, minilm_path):
-    torch.manual_seed(0)
-    config = minisnip.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=64)
-    folder = tmp_path / "tiny"
-    minisnip.BertModel(config).save_pretrained(folder)
-    minisnip.load_tokenizer(minilm_path).save(folder)
+def test_grid_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_folder):
+    folder = tiny_folder
     grid = load_script()
     argv = ["--glue-dir", str(glue_fixtures_dir), "--model", str(folder), "--tasks", "rte", "--seeds", "1", "2",
             "--compressions", "0.3", "0.5", "--max-train", "8", "--epochs", "1", "--batch-size", "4",

@@ -17,13 +17,7 @@ from minisnip.surgery import prune_ffn_neurons, prune_heads, remove_blocks
 H, HEADS, D, F, L = 64, 4, 16, 128, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and are not slowed by busy machines) on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, layers: int = L) -> BertModel:

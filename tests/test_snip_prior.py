@@ -13,13 +13,7 @@ from minisnip.model import BertModel
 from minisnip.snip import function_norms, identity_prior, list_branches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and are not slowed by busy machines) on one intra-op thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(hidden=64, heads=4, ffn=128, layers=2, seed=0, scale=0.2) -> BertModel:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +12,6 @@ from minisnip.__main__ import main
 from minisnip.finetune import load_task_data
 from minisnip.snip.recipe import SnipConfig, prior_penalty, run_prune
 from minisnip.train import TrainConfig, evaluate
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, minilm_path) -> Path:
-    """A small random BERT (2 layers, hidden 32, 4 heads of 8) with MiniLM's tokenizer."""
-    torch.manual_seed(0)
-    config = minisnip.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=128)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    minisnip.BertModel(config).save_pretrained(folder)
-    minisnip.load_tokenizer(minilm_path).save(folder)
-    return folder
 
 
 def quick(**kw) -> TrainConfig:

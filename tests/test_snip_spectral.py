@@ -14,14 +14,9 @@ from minisnip.snip.spectral import (SpectralNorm, apply_spectral_norm, power_ite
 from minisnip.surgery import prune_heads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """LAPACK's SVD (torch.linalg.matrix_norm(W, 2)) slows down 10-100x when its threads compete with other
-    processes for the cores (seen on a shared 2-core runner); these matrices are small, one thread is plenty."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# LAPACK's SVD (torch.linalg.matrix_norm(W, 2)) slows down 10-100x when its threads compete with other
+# processes for the cores (seen on a shared 2-core runner); these matrices are small, one thread is plenty.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**kw) -> BertConfig:

@@ -23,12 +23,7 @@ NEURON = 2 * H + 1               # 129
 DENSE = L * (ATT + FFN)          # 99648
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> BertModel:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,18 +13,6 @@ from minisnip.data import length_bucketed_batches, sorted_batches
 from minisnip.finetune import RunDirError, load_classifier, load_task_data, run_finetune, run_seeds, summarize
 from minisnip.glue import get_task
 from minisnip.train import TrainConfig, TrainingDiverged, fit, make_optimizer
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, minilm_path) -> Path:
-    """A small random BERT (2 layers, hidden 32) with MiniLM's vocabulary and tokenizer, saved as a checkpoint."""
-    torch.manual_seed(0)
-    config = minisnip.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=128)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    minisnip.BertModel(config).save_pretrained(folder)
-    minisnip.load_tokenizer(minilm_path).save(folder)
-    return folder
 
 
 def quick_cfg(**kw) -> TrainConfig:

@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ..checkpoint import default_model_path, save_pretrained, write_json

@@ -1,0 +1,44 @@
+"""What machine a benchmark ran on: recorded in every result JSON, because only ratios from one run compare."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+import minisnip
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (above the thread count: other processes competed for the CPU)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def machine_info(device: str) -> dict:
+    import transformers
+    info = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "minisnip": minisnip.__version__,
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
+        "device": device, "loadavg_1m_start": loadavg(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
