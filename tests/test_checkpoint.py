@@ -362,3 +362,28 @@ def test_nothing_written_when_model_is_unsavable(tmp_path, tiny_model):
     with pytest.raises(Exception):
         model.save_pretrained(tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_name_goes_through_snapshot_download(tmp_path, monkeypatch, tiny_folder):
+    """Online users pass a hub name; offline, the download is stood in for by a local folder (no network)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.chdir(tmp_path)  # "someorg/tiny-bert" must not exist as a local folder
+    calls = []
+
+    def fake_download(name, allow_patterns=None, **kwargs):
+        calls.append((name, allow_patterns))
+        return str(tiny_folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model = minisnip.BertModel.from_pretrained("someorg/tiny-bert")
+    tok = minisnip.load_tokenizer("someorg/tiny-bert")
+    assert calls[0][0] == "someorg/tiny-bert" and "*.safetensors" in calls[0][1] and "vocab.txt" in calls[0][1]
+    assert model.config.hidden_size == 32 and tok.vocab_size == 30522
+
+    def failing(name, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    with pytest.raises(FileNotFoundError, match="fetching 'someorg/tiny-bert' from the Hugging Face hub failed"):
+        minisnip.BertModel.from_pretrained("someorg/tiny-bert")
