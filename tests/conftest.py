@@ -128,3 +128,16 @@ def tiny_folder(tmp_path_factory, minilm_path) -> Path:
     minisnip.BertModel(config).save_pretrained(folder)
     minisnip.load_tokenizer(minilm_path).save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """Factory: import a script of bench/ by name (they are scripts, not a package) to call its main()."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_encoder", REPO / "bench" / "bench_encoder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(bench_script):
     pytest.importorskip("transformers")
     import minisnip
     try:
         minisnip.default_model_path()
     except ImportError as e:
         pytest.skip(str(e))
-    return _load_bench()
+    return bench_script("bench_encoder")
 
 
 def _positive(x) -> bool:

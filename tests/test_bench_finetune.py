@@ -7,30 +7,21 @@ two implementations must give the same loss at every step. Then a smoke test of 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", REPO / "bench" / "bench_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(bench_script):
     pytest.importorskip("transformers")
-    return _load_bench()
+    return bench_script("bench_finetune")
 
 
 @pytest.fixture(scope="module")

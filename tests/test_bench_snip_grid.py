@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("snip_grid", REPO / "bench" / "snip_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_grid_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_folder):
+def test_grid_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
     folder = tiny_folder
-    grid = load_script()
+    grid = bench_script("snip_grid")
     argv = ["--glue-dir", str(glue_fixtures_dir), "--model", str(folder), "--tasks", "rte", "--seeds", "1", "2",
             "--compressions", "0.3", "0.5", "--max-train", "8", "--epochs", "1", "--batch-size", "4",
             "--max-length", "32", "--out", str(tmp_path / "grid")]
