@@ -7,8 +7,9 @@ Both implementations start from the same BERT folder (default: all-MiniLM-L6-v2 
   classifier and pooler are copied into the Hugging Face model, and the logits are checked to agree;
 * the same batches: `minisnip.data.length_bucketed_batches(lengths, batch_size, seed + epoch)` padded by
   minisnip's tokenizer; `fit` builds them itself, the Hugging Face loop calls the same functions;
-* the same optimiser and schedule (`minisnip.train.make_optimizer`: AdamW, no decay on 1-dim parameters,
-  linear warm-up then decay), the same gradient clipping and the same dropout probabilities;
+* the same set-up and optimiser step as `fit`, by the same code (`minisnip.train.start_training`,
+  `optimizer_step`: AdamW, no decay on 1-dim parameters, linear warm-up then decay, gradient clipping),
+  and the same dropout probabilities;
 * the same evaluation (`minisnip.train.evaluate` on every dev split after each epoch).
 
 Only the dropout masks may differ, so the dev scores are compared "within seed noise": the difference of the
@@ -58,7 +59,7 @@ from minisnip.finetune import load_classifier, load_task_data  # noqa: E402
 from minisnip.glue import GLUE_DIR_ENV, GlueTask  # noqa: E402
 from minisnip.model import BertForSequenceClassification  # noqa: E402
 from minisnip.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from minisnip.train import TrainConfig, evaluate, fit, make_optimizer, set_seed  # noqa: E402
+from minisnip.train import TrainConfig, evaluate, fit, set_seed  # noqa: E402
 
 MS = "minisnip"
 REF = "transformers"
@@ -246,14 +247,9 @@ def train_reference(model: nn.Module, tokenizer: Tokenizer, task: GlueTask, trai
     Same seeding, batches, optimiser, schedule, clipping, autocast and per-epoch evaluation as
     `minisnip.train.fit`; the loss is the one the Hugging Face model computes from `labels`.
     """
-    from minisnip.train import amp_dtype, autocast, resolve_device
-    set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    dtype = amp_dtype(device, cfg.amp)
-    model.to(device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    from minisnip.train import autocast, optimizer_step, start_training
+    o = start_training(model, cfg, len(train))
+    device, dtype, sched = o.device, o.dtype, o.sched
     wrapped = HFClassifier(model)
     epochs, losses = [], []
     steps = examples = tokens = 0
@@ -267,13 +263,7 @@ def train_reference(model: nn.Module, tokenizer: Tokenizer, task: GlueTask, trai
             with autocast(device, dtype):
                 loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              token_type_ids=batch["token_type_ids"], labels=batch["labels"]).loss
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(model, loss, o, cfg.max_grad_norm)
             value = loss.item()
             if not math.isfinite(value):
                 raise RuntimeError(f"reference loss became {value} at step {steps + 1}")

@@ -110,6 +110,41 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+@dataclass
+class Optimisation:
+    """What one training run steps with: where, in which autocast dtype, and the optimiser state."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+
+
+def start_training(model: nn.Module, cfg: TrainConfig, n_train: int) -> Optimisation:
+    """Seed, move the model to its device, and build optimiser, schedule and (fp16 only) gradient scaler."""
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = amp_dtype(device, cfg.amp)
+    model.to(device)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Optimisation(device, dtype, opt, sched, scaler, steps_per_epoch)
+
+
+def optimizer_step(model: nn.Module, total: Tensor, o: Optimisation, max_grad_norm: float) -> None:
+    """Backward, clip the gradient norm, one AdamW step, one schedule step."""
+    o.opt.zero_grad(set_to_none=True)
+    o.scaler.scale(total).backward()
+    o.scaler.unscale_(o.opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    o.scaler.step(o.opt)
+    o.scaler.update()
+    o.sched.step()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data: Encoded, tokenizer: Tokenizer, batch_size: int = 128,
             device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -164,16 +199,11 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
     `out_dir/best` as a minisnip checkpoint with the tokenizer when `out_dir` is given) and restored at the
     end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step.
     """
-    set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    dtype = amp_dtype(device, cfg.amp)
-    model.to(device)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    o = start_training(model, cfg, len(train))
+    device, dtype, sched = o.device, o.dtype, o.sched
     history, best_state = History(), None
     main_split = next(iter(dev))
-    progress = _progress(cfg.progress, steps_per_epoch * cfg.epochs, f"{task.display} fine-tune")
+    progress = _progress(cfg.progress, o.steps_per_epoch * cfg.epochs, f"{task.display} fine-tune")
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0, loss_sum, pen_sum, n_batches = time.perf_counter(), 0.0, 0.0, 0
@@ -190,13 +220,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                 raise TrainingDiverged(
                     f"loss became {total.item()} at step {history.steps + 1} (epoch {epoch}, batch {n_batches + 1}); "
                     + (f"the last good checkpoint is {out_dir / 'best'}" if out_dir else "no checkpoint was kept"))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(model, total, o, cfg.max_grad_norm)
             history.steps += 1
             n_batches += 1
             loss_sum += loss.item()
