@@ -53,11 +53,11 @@ def run_cell(task: str, seed: int, family: str, args, done: set, sink) -> None:
     dense_config = copy.deepcopy(model.config)
     train_method = {"plain": "snip-no-prior", "prior": "snip-no-sn", "prior+sn": "snip"}[family]
     base_cfg = SnipConfig(method=train_method, target=0.5, prior_lambda=args.prior_lambda,
-                          recovery_epochs=args.recovery_epochs)
+                          prior_warmup=args.prior_warmup, recovery_epochs=args.recovery_epochs)
     t0 = time.perf_counter()
-    train_with_prior(model, tokenizer, data, base_cfg, train_cfg)
+    history = train_with_prior(model, tokenizer, data, base_cfg, train_cfg)
     finetune_seconds = time.perf_counter() - t0
-    finetuned = dev_scores(model, tokenizer, data)
+    finetuned = history.best_metrics  # the model holds the best epoch's weights: no second evaluation
     split, metric = next(iter(data.dev)), data.task.main_metric
     for method, target in todo:
         record = {"task": task, "seed": seed, "method": method, "target": target, "family": family,
@@ -70,10 +70,9 @@ def run_cell(task: str, seed: int, family: str, args, done: set, sink) -> None:
             cfg = replace(base_cfg, method=method, target=target)
             outcome = threshold_and_remove(pruned, tokenizer, data, cfg, train_cfg)
             before = dev_scores(pruned, tokenizer, data)[split][metric]
-            if cfg.recovery_epochs:
-                recover(pruned, tokenizer, data, cfg, train_cfg)
-            record.update(compression=compression(pruned, dense_config), before_recovery=before,
-                          score=dev_scores(pruned, tokenizer, data)[split][metric],
+            after = recover(pruned, tokenizer, data, cfg, train_cfg).best_metrics[split][metric] \
+                if cfg.recovery_epochs else before
+            record.update(compression=compression(pruned, dense_config), before_recovery=before, score=after,
                           removed=outcome.report["removed"], tau=outcome.tau)
         print(f"{task} seed {seed} {method:<13} target {target:.1f}: compression {record['compression']:.3f}, "
               f"{metric} {100 * record['score']:.2f} (before recovery {100 * record['before_recovery']:.2f})",
@@ -132,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--prior-lambda", type=float, default=SnipConfig.prior_lambda)
+    p.add_argument("--prior-warmup", type=float, default=SnipConfig.prior_warmup)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("bench/results/snip_grid"))
     args = p.parse_args(argv)

@@ -48,6 +48,8 @@ def _train_config(args: argparse.Namespace, seed: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .snip.recipe import SnipConfig
+    SNIP_DEFAULTS = SnipConfig()
     parser = argparse.ArgumentParser(prog="python -m minisnip", description="minisnip: BERT, GLUE fine-tuning and "
                                      "SNIP pruning (Lin et al. 2020), from scratch.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=None,
                    help="compression to reach, in (0, 1): share of encoder linear-layer weights removed (0.5)")
     p.add_argument("--threshold", type=float, default=None, help="instead of --target: remove branches with norm < τ")
-    p.add_argument("--prior-lambda", type=float, default=3e-4, help="strength λ of the identity prior (3e-4)")
+    p.add_argument("--prior-lambda", type=float, default=SNIP_DEFAULTS.prior_lambda,
+                   help="strength λ of the identity prior (%(default)s)")
+    p.add_argument("--prior-warmup", type=float, default=SNIP_DEFAULTS.prior_warmup,
+                   help="share of fine-tuning steps over which λ ramps up from 0 (%(default)s)")
     p.add_argument("--sn-bound", default="init", help="spectral-norm bound c: 'init' (σ at load time) or a number")
     p.add_argument("--group-size", type=int, default=None, help="FFN neurons per branch (default 2 x head_dim)")
     p.add_argument("--per-param", action="store_true", help="rank branches by norm per parameter")
@@ -121,7 +126,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
     target = args.target if args.target is not None or args.threshold is not None else 0.5
     bound = args.sn_bound if args.sn_bound == "init" else float(args.sn_bound)
     cfg = SnipConfig(method=args.method, target=target if args.method != "dense" else None,
-                     threshold=args.threshold, prior_lambda=args.prior_lambda, sn_bound=bound,
+                     threshold=args.threshold, prior_lambda=args.prior_lambda,
+                     prior_warmup=args.prior_warmup, sn_bound=bound,
                      neuron_group_size=args.group_size, per_param=args.per_param,
                      recovery_epochs=args.recovery_epochs)
     result = run_prune(args.task, args.out, cfg, args.model, args.glue_dir, _train_config(args, args.seed),

@@ -4,7 +4,9 @@
 fine-tuned (Devlin et al. 2019): AdamW (no weight decay on biases and LayerNorms), linear warm-up then
 linear decay of the learning rate, gradient-norm clipping, dropout as configured. Pruning methods plug in
 through `penalty(model, traces, attention_mask) -> Tensor`, added to the task loss (SNIP's identity prior
-is one); when a penalty is given, the forward pass records one `LayerTrace` per layer for it.
+is one); when a penalty is given, the forward pass records one `LayerTrace` per layer for it. Observers
+(running norm estimates, spectral norms through training, ...) plug in through `on_step(step, model, traces,
+attention_mask)`, called after every optimiser step with that step's traces; it changes nothing in training.
 
 On a CPU a run repeats exactly for a seed: all randomness (data order, dropout, new heads) comes from it.
 On CUDA, bf16 autocast (fp16 with a gradient scaler where bf16 is missing) is on by default.
@@ -32,6 +34,7 @@ from .model import BertForSequenceClassification, LayerTrace
 from .tokenizer import Tokenizer
 
 Penalty = Callable[[nn.Module, list[LayerTrace], Tensor], Tensor]
+StepHook = Callable[[int, nn.Module, list[LayerTrace], Tensor], None]
 
 
 class TrainingDiverged(RuntimeError):
@@ -192,12 +195,13 @@ class History:
 
 def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTask, train: Encoded,
         dev: dict[str, Encoded], cfg: TrainConfig, out_dir: Path | None = None, penalty: Penalty | None = None,
-        restore_best: bool = True) -> History:
+        restore_best: bool = True, on_step: StepHook | None = None) -> History:
     """Fine-tune `model` on `train`, evaluating on every `dev` split after each epoch.
 
     The first dev split's main metric picks the best epoch; its weights are kept (in memory, and in
     `out_dir/best` as a minisnip checkpoint with the tokenizer when `out_dir` is given) and restored at the
-    end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step.
+    end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step. `on_step(step, model,
+    traces, attention_mask)` is called after every optimiser step (step counts from 1), under no_grad.
     """
     o = start_training(model, cfg, len(train))
     device, dtype, sched = o.device, o.dtype, o.sched
@@ -210,7 +214,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
         for _, batch in iterate(train, length_bucketed_batches(train.lengths, cfg.batch_size, cfg.seed + epoch),
                                 tokenizer):
             batch = {k: v.to(device) for k, v in batch.items()}
-            traces: list[LayerTrace] | None = [] if penalty is not None else None
+            traces: list[LayerTrace] | None = [] if penalty is not None or on_step is not None else None
             with autocast(device, dtype):
                 logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], traces)
                 loss = model.loss(logits, batch["labels"])
@@ -222,6 +226,9 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                     + (f"the last good checkpoint is {out_dir / 'best'}" if out_dir else "no checkpoint was kept"))
             optimizer_step(model, total, o, cfg.max_grad_norm)
             history.steps += 1
+            if on_step is not None:
+                with torch.no_grad():
+                    on_step(history.steps, model, traces, batch["attention_mask"])
             n_batches += 1
             loss_sum += loss.item()
             pen_sum += pen.item() if pen is not None else 0.0

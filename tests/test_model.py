@@ -253,6 +253,43 @@ def test_eval_is_deterministic_and_train_uses_dropout(minilm, batch):
     assert not torch.allclose(a, c, atol=1e-3)
 
 
+# --- the [CLS]-only last layer of the classifier ---------------------------------------------------------------
+def test_cls_only_equals_first_position_of_full_forward(minilm, batch):
+    model, _ = minilm
+    with torch.no_grad():
+        full = model(**batch)
+        cls = model(**batch, cls_only=True)
+        traced = model(**batch, trace=[], cls_only=True)  # a trace needs every position: cls_only is ignored
+    assert cls.shape == (batch["input_ids"].shape[0], 1, 384)
+    assert torch.allclose(cls, full[:, :1], atol=ATOL, rtol=0)
+    assert torch.equal(traced, full)
+
+
+@pytest.mark.parametrize("last", [dict(heads=[1, 3], ffn_dim=40), dict(heads=[], ffn_dim=128),
+                                  dict(heads=[0, 1, 2, 3], ffn_dim=0), dict(heads=[2], ffn_dim=0)])
+def test_cls_only_gradients_equal_full_on_pruned_last_layer(tiny_model, last):
+    from minisnip.config import LayerShape
+    layers = [LayerShape([0, 1, 2, 3], 128), LayerShape(**last)]
+    model = tiny_model(minisnip.BertForSequenceClassification, num_labels=3, layers=layers)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    types = (torch.arange(9) >= 4).long().expand(3, 9)
+    labels = torch.tensor([0, 2, 1])
+    grads = []
+    for cls_only in (False, True):
+        model.zero_grad()
+        hidden = model.bert(ids, mask, types, cls_only=cls_only)
+        logits = model.classifier(model.bert.pooler(hidden))
+        model.loss(logits, labels).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    full, cls = grads
+    assert full.keys() == cls.keys()
+    for name in full:
+        assert torch.allclose(full[name], cls[name], atol=1e-6, rtol=1e-5), name
+
+
 # --- bad input --------------------------------------------------------------------------------------------------
 def test_hidden_size_not_divisible_by_heads():
     with pytest.raises(ConfigError, match=r"hidden_size \(64\) is not divisible by num_attention_heads \(5\)"):

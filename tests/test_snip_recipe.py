@@ -75,12 +75,18 @@ def test_prior_penalty_is_lambda_times_the_prior(tiny_folder):
     cfg = SnipConfig(prior_lambda=0.25)
     expected = 0.25 * identity_prior(model, traces, None, cfg.kinds, cfg.prior_weights, 16)
     assert prior_penalty(cfg, 16)(model, traces, None).item() == pytest.approx(expected.item())
+    # with a warm-up over 3 of 10 steps, λ_t = λ/4, λ/2, 3λ/4, then λ for good
+    warm = prior_penalty(SnipConfig(prior_lambda=0.25, prior_warmup=0.3), 16, total_steps=10)
+    values = [warm(model, traces, None).item() / expected.item() for _ in range(5)]
+    assert values == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
+    assert warm.step == 5
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target=0.0), "target"), (dict(target=1.0), "target"), (dict(target=None), "exactly one"),
     (dict(target=0.5, threshold=0.1), "exactly one"), (dict(method="magic"), "method"),
-    (dict(prior_lambda=-1.0), "prior_lambda"),
+    (dict(prior_lambda=-1.0), "prior_lambda"), (dict(prior_warmup=1.5), "prior_warmup"),
+    (dict(prior_warmup=-0.1), "prior_warmup"),
 ])
 def test_bad_recipe_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

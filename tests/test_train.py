@@ -87,6 +87,34 @@ def test_training_learns_a_separable_toy_task(tiny_folder, glue_fixtures_dir):
     assert history.epochs[-1]["dev"]["train"]["loss"] < 0.05
 
 
+def test_on_step_hook_sees_every_step_and_changes_no_result(tiny_folder, glue_fixtures_dir):
+    """`on_step` gets each step's number, the model after the update, the layer traces and the mask; with
+    dropout off (traces make the last layer compute every position, so dropout draws would differ) the run's
+    losses and weights equal those of a run without the hook."""
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)
+    runs = []
+    for hooked in (False, True):
+        torch.manual_seed(0)
+        model = minisnip.BertForSequenceClassification.from_pretrained(
+            tiny_folder, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        seen = []
+
+        def hook(step, m, traces, mask):
+            assert m is model and not torch.is_grad_enabled()
+            assert len(traces) == len(m.bert.layers) and traces[0].x.shape[:2] == mask.shape
+            seen.append((step, m.classifier.weight.clone()))
+        history = fit(model, tokenizer, data.task, data.train, {"dev": data.dev["dev"]}, quick_cfg(),
+                      on_step=hook if hooked else None, restore_best=False)
+        runs.append((history, model, seen))
+    (plain, m0, _), (hooked, m1, seen) = runs
+    assert [s for s, _ in seen] == list(range(1, hooked.steps + 1))
+    assert torch.equal(seen[-1][1], m1.classifier.weight)  # called after the optimiser step
+    assert [e["train_loss"] for e in plain.epochs] == pytest.approx([e["train_loss"] for e in hooked.epochs], rel=1e-5)
+    for (name, a), b in zip(m0.state_dict().items(), m1.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_folder, glue_fixtures_dir, tmp_path):
     tokenizer = minisnip.load_tokenizer(tiny_folder)
     data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)
