@@ -22,6 +22,10 @@ branch. SNIP's identity prior drives branches toward f(x) = 0 so that removing t
 Heads are addressable but the hot path is fused: one QKV matmul whose rows are laid out as
 [Q_head0 .. Q_head(n-1), K_head0 .., V_head0 ..] (`Attention.head_rows`), then one call to
 `scaled_dot_product_attention` over all heads, then one output matmul.
+
+Padding costs nothing in the linear layers: when a batch has padding, the real tokens are packed into one
+(tokens, hidden) matrix (`Packing`) and every matmul, LayerNorm and GELU runs on those alone; only attention
+unpacks Q, K, V to the (batch, seq) layout it needs. The hidden states at padded positions are returned as 0.
 """
 
 from __future__ import annotations
@@ -57,6 +61,31 @@ class Embeddings(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         e = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.norm(e))
+
+
+@dataclass
+class Packing:
+    """Where the real (non-padding) tokens of a (batch, seq) layout sit: `index` into the flattened positions.
+
+    pack:   (batch, seq, ...) -> (tokens, ...), the real tokens only, in order;
+    unpack: (tokens, ...) -> (batch, seq, ...), zeros at the padded positions.
+    """
+
+    index: Tensor
+    batch: int
+    seq: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: Tensor) -> Packing:
+        b, s = attention_mask.shape
+        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), b, s)
+
+    def pack(self, x: Tensor) -> Tensor:
+        return x.reshape(self.batch * self.seq, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        out = x.new_zeros(self.batch * self.seq, *x.shape[1:]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.seq, *x.shape[1:])
 
 
 class Attention(nn.Module):
@@ -95,30 +124,37 @@ class Attention(nn.Module):
         """Columns of `out.weight` that map head h's (local index) context into the hidden space."""
         return slice(h * self.head_dim, (h + 1) * self.head_dim)
 
-    def context(self, x: Tensor, mask: Tensor | None = None, first_query_only: bool = False) -> Tensor:
+    def context(self, x: Tensor, mask: Tensor | None = None, first_query_only: bool = False,
+                packing: Packing | None = None) -> Tensor:
         """All heads at once: (batch, seq, hidden) -> (batch, heads, seq, head_dim), gated per head if set.
 
         first_query_only: attend from position 0 ([CLS]) alone, over all keys and values, giving
         (batch, heads, 1, head_dim); the queries of the other positions are never computed.
+        packing: x is packed, (tokens, hidden); Q, K, V are computed for the real tokens, then unpacked.
         """
-        b, s, _ = x.shape
         n, d = self.num_heads, self.head_dim
         if first_query_only:  # the Q rows of W_QKV for token 0, the K and V rows for every token
+            b, s, _ = x.shape
             w, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(x[:, :1], w[:n * d], bias[:n * d]).view(b, 1, n, d).transpose(1, 2)
             k, v = F.linear(x, w[n * d:], bias[n * d:]).view(b, s, 2, n, d).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = self.qkv(x).view(b, s, 3, n, d).permute(2, 0, 3, 1, 4).unbind(0)
+            qkv = self.qkv(x) if packing is None else packing.unpack(self.qkv(x))
+            b, s, _ = qkv.shape
+            q, k, v = qkv.view(b, s, 3, n, d).permute(2, 0, 3, 1, 4).unbind(0)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout_p if self.training else 0.0)
         if self.head_gate is not None:
             ctx = ctx * self.head_gate.view(1, -1, 1, 1).to(ctx)
         return ctx
 
-    def project(self, ctx: Tensor) -> Tensor:
-        """W_O concat_h ctx_h + b_O: (batch, heads, seq, head_dim) -> (batch, seq, hidden), gated if set."""
+    def project(self, ctx: Tensor, packing: Packing | None = None) -> Tensor:
+        """W_O concat_h ctx_h + b_O: (batch, heads, seq, head_dim) -> (batch, seq, hidden), gated if set.
+
+        packing: project the real tokens only, returning them packed, (tokens, hidden)."""
         b, n, s, d = ctx.shape
-        out = self.out(ctx.transpose(1, 2).reshape(b, s, n * d))
+        merged = ctx.transpose(1, 2).reshape(b, s, n * d)
+        out = self.out(merged if packing is None else packing.pack(merged))
         if self.gate is not None:
             out = out * self.gate.to(out)
         return out
@@ -231,9 +267,10 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                first_token_only: bool = False) -> Tensor:
+                first_token_only: bool = False, packing: Packing | None = None) -> Tensor:
         """(batch, seq, hidden) -> (batch, seq, hidden); with first_token_only, the output at position 0 only
-        (batch, 1, hidden), which still attends over every position of x."""
+        (batch, 1, hidden), which still attends over every position of x. With `packing`, x and the result
+        are the real tokens only, (tokens, hidden)."""
         # attention sub-layer: h = LN(x + Attn(x)); a removed block contributes 0, so h = LN(x)
         ctx = a = None
         if first_token_only:
@@ -242,8 +279,8 @@ class Layer(nn.Module):
             h = self.attention_norm(x)
         else:
             ctx = self.attention.context(keys, mask, first_query_only=True) if first_token_only \
-                else self.attention.context(x, mask)
-            a = self.attention.project(ctx)
+                else self.attention.context(x, mask, packing=packing)
+            a = self.attention.project(ctx, packing)
             h = self.attention_norm(x + self.dropout(a))
         # feed-forward sub-layer: y = LN(h + FFN(h)); a removed block contributes 0, so y = LN(h)
         z = f = None
@@ -321,6 +358,8 @@ class BertModel(nn.Module):
         cls_only: return (batch, 1, hidden), the [CLS] position only, which is all a classifier reads: the last
         layer then computes its queries, attention output and FFN for that one position (its keys and values
         still for all), about 5/6 of one layer's work saved. Ignored when `trace` is given.
+        With padding (and no trace), the layers run on the real tokens only (see `Packing`). The returned
+        hidden states are 0 at padded positions in every case (a trace records the unpacked computation).
         """
         has_padding = self.check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
@@ -329,10 +368,18 @@ class BertModel(nn.Module):
         if has_padding:  # without padding, attention needs no mask (and takes its fastest kernel)
             mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): True = may attend
         x = self.embeddings(input_ids, token_type_ids)
-        last = len(self.layers) - 1
+        cls_only = cls_only and trace is None and len(self.layers) > 0
+        packing = Packing.from_mask(attention_mask) if has_padding and trace is None else None
+        if packing is not None:
+            x = packing.pack(x)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, trace, first_token_only=cls_only and trace is None and i == last)
-        return x
+            if cls_only and i == len(self.layers) - 1:  # the last layer, for [CLS] only, on the padded layout
+                x = x if packing is None else packing.unpack(x)
+                return layer(x, mask, first_token_only=True)
+            x = layer(x, mask, trace, packing=packing)
+        if packing is not None:
+            return packing.unpack(x)
+        return x.masked_fill(~attention_mask.bool()[..., None], 0.0) if has_padding else x  # a trace ran unpacked
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path, **config_overrides) -> BertModel:
@@ -411,4 +458,4 @@ def _select_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
 
 
 __all__ = ["Attention", "BertForSequenceClassification", "BertModel", "Embeddings", "FeedForward", "Layer",
-           "LayerTrace", "Pooler", "activation", "init_weights"]
+           "LayerTrace", "Packing", "Pooler", "activation", "init_weights"]
