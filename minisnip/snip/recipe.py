@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..checkpoint import default_model_path, save_pretrained, write_json
 from ..config import BertConfig
 from ..data import Encoded, iterate, length_bucketed_batches
-from ..finetune import environment, load_classifier, load_task_data, prepare_run_dir
+from ..finetune import environment, load_classifier, load_task_data, prepare_run_dir, short_name
 from ..model import LayerTrace
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..train import TrainConfig, evaluate, fit, set_seed
@@ -249,7 +249,7 @@ def format_prune_result(result: dict) -> str:
     s = result["scores"]
     split = next(iter(s["finetuned"]))
     main = result["main_metric"]
-    lines = [f"{result['task']} | {result['method']} | model {Path(result['model']).name} | train examples "
+    lines = [f"{result['task']} | {result['method']} | model {short_name(result['model'])} | train examples "
              f"{result['data']['train_examples']} | {result['wall_seconds']:.0f} s",
              f"{'stage':<26} {main + ' (x100)':>14}",
              f"{'fine-tuned (dense)':<26} {100 * s['finetuned'][split][main]:>14.2f}"]
