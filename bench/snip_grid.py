@@ -116,6 +116,40 @@ def table(summary: dict, compressions: list[float]) -> str:
     return "\n".join(lines)
 
 
+def averages(summary: dict, compressions: list[float]) -> dict:
+    """{method: {target: {"mean": mean over tasks of the task means, "of_dense": that / the dense average}}}.
+
+    Only over tasks that have every method and compression (GLUE's "average score": metrics mixed as they come).
+    """
+    methods = ("dense", "snip", "snip-no-sn", "snip-no-prior")
+    keys = {m: ["0.0"] if m == "dense" else [str(c) for c in compressions] for m in methods}
+    tasks = [t for t, ms in summary.items() if all(k in ms.get(m, {}) for m in methods for k in keys[m])]
+    if not tasks:
+        return {}
+    dense = statistics.fmean(summary[t]["dense"]["0.0"]["mean"] for t in tasks)
+    out = {"tasks": tasks}
+    for m in methods:
+        out[m] = {}
+        for c in compressions:
+            k = "0.0" if m == "dense" else str(c)
+            mean = statistics.fmean(summary[t][m][k]["mean"] for t in tasks)
+            out[m][str(c)] = {"mean": mean, "of_dense": mean / dense if dense else float("nan")}
+    return out
+
+
+def averages_table(avg: dict, compressions: list[float]) -> str:
+    """Markdown: the task average per method and compression, and its share of the dense average."""
+    if not avg:
+        return ""
+    lines = [f"Average over {', '.join(avg['tasks'])} (x100; in brackets: share of the dense average):", "",
+             "| method | " + " | ".join(f"{c:.0%}" for c in compressions) + " |",
+             "|---|" + "---|" * len(compressions)]
+    for m in ("dense", "snip", "snip-no-sn", "snip-no-prior"):
+        cells = [f"{100 * avg[m][str(c)]['mean']:.1f} ({100 * avg[m][str(c)]['of_dense']:.1f}%)" for c in compressions]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--glue-dir", type=Path, required=True)
@@ -146,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                     run_cell(task, seed, family, args, done, sink)
     records = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()]
     summary = summarize(records)
+    avg = averages(summary, args.compressions)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.with_suffix(".json").write_text(json.dumps(
         {"settings": settings, "environment": environment(), "compression_definition": COMPRESSION_DEFINITION,
-         "summary": summary}, indent=2) + "\n")
-    md = table(summary, args.compressions)
+         "summary": summary, "averages": avg}, indent=2) + "\n")
+    md = table(summary, args.compressions) + ("\n\n" + averages_table(avg, args.compressions) if avg else "")
     args.out.with_suffix(".md").write_text(
         f"Dev main metric x100, mean ± std over seeds; columns: target compression ({COMPRESSION_DEFINITION}).\n"
         f"Settings: {settings}\n\n{md}\n")

@@ -23,5 +23,9 @@ def test_grid_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_folde
     summary = json.loads((tmp_path / "grid.json").read_text())["summary"]
     assert summary["rte"]["snip"]["0.5"]["n"] == 2
     assert "| rte | accuracy | snip |" in (tmp_path / "grid.md").read_text()
+    avg = json.loads((tmp_path / "grid.json").read_text())["averages"]
+    assert avg["tasks"] == ["rte"] and avg["dense"]["0.5"]["of_dense"] == 1.0
+    assert avg["snip"]["0.3"]["mean"] == summary["rte"]["snip"]["0.3"]["mean"]
+    assert "Average over rte" in (tmp_path / "grid.md").read_text()
     assert grid.main(argv) == 0  # resumes: nothing left to run, nothing duplicated
     assert len((tmp_path / "grid.jsonl").read_text().splitlines()) == len(records)
