@@ -137,11 +137,13 @@ class Attention(nn.Module):
             b, s, _ = x.shape
             w, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(x[:, :1], w[:n * d], bias[:n * d]).view(b, 1, n, d).transpose(1, 2)
-            k, v = F.linear(x, w[n * d:], bias[n * d:]).view(b, s, 2, n, d).permute(2, 0, 3, 1, 4).unbind(0)
+            k, v = (t.transpose(1, 2) for t in F.linear(x, w[n * d:], bias[n * d:]).view(b, s, 2, n, d).unbind(2))
         else:
             qkv = self.qkv(x) if packing is None else packing.unpack(self.qkv(x))
             b, s, _ = qkv.shape
-            q, k, v = qkv.view(b, s, 3, n, d).permute(2, 0, 3, 1, 4).unbind(0)
+            # unbind along the Q/K/V axis of (batch, seq, 3, heads, head_dim): in backward, the three gradients
+            # are stacked straight into that contiguous layout (one copy; a permute first would cost a second)
+            q, k, v = (t.transpose(1, 2) for t in qkv.view(b, s, 3, n, d).unbind(2))
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout_p if self.training else 0.0)
         if self.head_gate is not None:
