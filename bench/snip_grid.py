@@ -99,7 +99,8 @@ def summarize(records: list[dict]) -> dict:
 
 
 def table(summary: dict, compressions: list[float]) -> str:
-    """Markdown: one row per task and method, one column per compression (dev main metric x100, mean ± std)."""
+    """Markdown: one row per task and method, one column per compression (dev main metric x100, mean ± std);
+    in brackets the mean before recovery fine-tuning."""
     head = "| task | metric | method | " + " | ".join(f"{c:.0%}" for c in compressions) + " |"
     lines = [head, "|" + "---|" * (3 + len(compressions))]
     for task, methods in summary.items():
@@ -110,7 +111,8 @@ def table(summary: dict, compressions: list[float]) -> str:
             cells = []
             for c in compressions:
                 v = methods[method].get("0.0" if method == "dense" else str(c))
-                cells.append(f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f} (n={v['n']})" if v else "–")
+                before = f" [{100 * v['before_recovery']:.1f}]" if v and method != "dense" else ""
+                cells.append(f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}{before} (n={v['n']})" if v else "–")
             metric = (dense or next(iter(methods[method].values())))["metric"]
             lines.append(f"| {task} | {metric} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
          "summary": summary, "averages": avg}, indent=2) + "\n")
     md = table(summary, args.compressions) + ("\n\n" + averages_table(avg, args.compressions) if avg else "")
     args.out.with_suffix(".md").write_text(
-        f"Dev main metric x100, mean ± std over seeds; columns: target compression ({COMPRESSION_DEFINITION}).\n"
+        f"Dev main metric x100, mean ± std over seeds after recovery fine-tuning [mean before recovery]; "
+        f"columns: target compression ({COMPRESSION_DEFINITION}).\n"
         f"Settings: {settings}\n\n{md}\n")
     print(md)
     return 0
