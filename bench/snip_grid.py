@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 for family in FAMILIES:
                     run_cell(task, seed, family, args, done, sink)
-    records = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()]
+    records = list({(r["task"], r["seed"], r["method"], r["target"]): r for r in reversed(
+        [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()])}.values())  # first one per result
     summary = summarize(records)
     avg = averages(summary, args.compressions)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
