@@ -33,6 +33,7 @@ from minisnip.snip.recipe import SnipConfig, dev_scores, recover, threshold_and_
 from minisnip.snip.threshold import COMPRESSION_DEFINITION, compression
 from minisnip.train import TrainConfig, set_seed
 
+ORDER = ("dense", "snip", "snip-no-sn", "snip-no-prior")  # rows of the tables
 FAMILIES = {"plain": ("dense", "snip-no-prior"), "prior": ("snip-no-sn",), "prior+sn": ("snip",)}
 
 
@@ -105,7 +106,7 @@ def table(summary: dict, compressions: list[float]) -> str:
     lines = [head, "|" + "---|" * (3 + len(compressions))]
     for task, methods in summary.items():
         dense = methods.get("dense", {}).get("0.0")
-        for method in ("dense", "snip", "snip-no-sn", "snip-no-prior"):
+        for method in ORDER:
             if method not in methods:
                 continue
             cells = []
@@ -123,14 +124,13 @@ def averages(summary: dict, compressions: list[float]) -> dict:
 
     Only over tasks that have every method and compression (GLUE's "average score": metrics mixed as they come).
     """
-    methods = ("dense", "snip", "snip-no-sn", "snip-no-prior")
-    keys = {m: ["0.0"] if m == "dense" else [str(c) for c in compressions] for m in methods}
-    tasks = [t for t, ms in summary.items() if all(k in ms.get(m, {}) for m in methods for k in keys[m])]
+    keys = {m: ["0.0"] if m == "dense" else [str(c) for c in compressions] for m in ORDER}
+    tasks = [t for t, ms in summary.items() if all(k in ms.get(m, {}) for m in ORDER for k in keys[m])]
     if not tasks:
         return {}
     dense = statistics.fmean(summary[t]["dense"]["0.0"]["mean"] for t in tasks)
     out = {"tasks": tasks}
-    for m in methods:
+    for m in ORDER:
         out[m] = {}
         for c in compressions:
             k = "0.0" if m == "dense" else str(c)
@@ -146,10 +146,20 @@ def averages_table(avg: dict, compressions: list[float]) -> str:
     lines = [f"Average over {', '.join(avg['tasks'])} (x100; in brackets: share of the dense average):", "",
              "| method | " + " | ".join(f"{c:.0%}" for c in compressions) + " |",
              "|---|" + "---|" * len(compressions)]
-    for m in ("dense", "snip", "snip-no-sn", "snip-no-prior"):
+    for m in ORDER:
         cells = [f"{100 * avg[m][str(c)]['mean']:.1f} ({100 * avg[m][str(c)]['of_dense']:.1f}%)" for c in compressions]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def read_records(jsonl: Path) -> list[dict]:
+    """The results in `jsonl`, the first one for each (task, seed, method, target) (concurrent processes may
+    have written one twice)."""
+    lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+    first: dict = {}
+    for r in (json.loads(line) for line in lines if line.strip()):
+        first.setdefault((r["task"], r["seed"], r["method"], r["target"]), r)
+    return list(first.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "rte", "stsb", "cola"])
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--compressions", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    p.add_argument("--methods", nargs="+", default=["dense", "snip", "snip-no-sn", "snip-no-prior"])
+    p.add_argument("--methods", nargs="+", default=list(ORDER))
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
@@ -173,15 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     jsonl = args.out.with_suffix(".jsonl")
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    records = [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()] if jsonl.exists() else []
+    records = read_records(jsonl)
     done = {(r["task"], r["seed"], r["method"], r["target"]) for r in records}
     with jsonl.open("a") as sink:
         for task in args.tasks:
             for seed in args.seeds:
                 for family in FAMILIES:
                     run_cell(task, seed, family, args, done, sink)
-    records = list({(r["task"], r["seed"], r["method"], r["target"]): r for r in reversed(
-        [json.loads(l) for l in jsonl.read_text().splitlines() if l.strip()])}.values())  # first one per result
+    records = read_records(jsonl)
     summary = summarize(records)
     avg = averages(summary, args.compressions)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -58,6 +58,10 @@ class TrainConfig:
     amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU), "bf16", "fp16", "off"
     progress: bool = True
 
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimiser steps in one epoch over `n_train` examples (the last batch may be smaller)."""
+        return math.ceil(n_train / self.batch_size)
+
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
             if getattr(self, name) < 1:
@@ -131,7 +135,7 @@ def start_training(model: nn.Module, cfg: TrainConfig, n_train: int) -> Optimisa
     device = resolve_device(cfg.device)
     dtype = amp_dtype(device, cfg.amp)
     model.to(device)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    steps_per_epoch = cfg.steps_per_epoch(n_train)
     opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Optimisation(device, dtype, opt, sched, scaler, steps_per_epoch)

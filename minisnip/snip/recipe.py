@@ -17,7 +17,6 @@ equal units on the scale of compression; a layer that loses all of them loses it
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -143,7 +142,7 @@ def train_with_prior(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConf
     group = cfg.neuron_group_size or 2 * model.config.head_dim
     if cfg.uses_sn:
         apply_spectral_norm(model, bound=cfg.sn_bound)
-    total_steps = math.ceil(len(data.train) / train_cfg.batch_size) * train_cfg.epochs
+    total_steps = train_cfg.steps_per_epoch(len(data.train)) * train_cfg.epochs
     penalty = prior_penalty(cfg, group, total_steps) if cfg.uses_prior else None
     history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, penalty=penalty)
     if cfg.uses_sn:
