@@ -13,13 +13,57 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+PROBLEM_TYPES = (None, "regression", "single_label_classification")
 
 
 class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or contradicts another one."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a size to us
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_probability(v: Any) -> bool:
+    return _is_number(v) and 0.0 <= v < 1.0
+
+
+# field -> (rule, what the rule allows): one table for every scalar field of BertConfig
+FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (lambda v: _is_int(v) and v >= 1, "a positive integer")
+       for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size", "num_labels")},
+    "hidden_act": (lambda v: isinstance(v, str) and v in SUPPORTED_ACTIVATIONS, f"one of {SUPPORTED_ACTIVATIONS}"),
+    "hidden_dropout_prob": (_is_probability, "a number in [0, 1)"),
+    "attention_probs_dropout_prob": (_is_probability, "a number in [0, 1)"),
+    "classifier_dropout": (lambda v: v is None or _is_probability(v), "null or a number in [0, 1)"),
+    "layer_norm_eps": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "initializer_range": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "pad_token_id": (lambda v: v is None or (_is_int(v) and v >= 0), "null or a token id in [0, vocab_size)"),
+    "problem_type": (lambda v: v in PROBLEM_TYPES, "null, 'regression' or 'single_label_classification'"),
+}
+
+
+def _layer_shape(i: int, l: Any) -> LayerShape:
+    """One entry of `layers` (a LayerShape or a {"heads": [...], "ffn_dim": n} dict), its types checked."""
+    if isinstance(l, LayerShape):
+        heads, ffn_dim = l.heads, l.ffn_dim
+    elif isinstance(l, dict) and "heads" in l and "ffn_dim" in l:
+        heads, ffn_dim = l["heads"], l["ffn_dim"]
+    else:
+        raise ConfigError(f"field 'layers[{i}]' must be an object with 'heads' and 'ffn_dim', got {l!r}")
+    if not isinstance(heads, (list, tuple)) or not all(_is_int(h) for h in heads):
+        raise ConfigError(f"field 'layers[{i}].heads' must be a list of integer head indices, got {heads!r}")
+    if not _is_int(ffn_dim):
+        raise ConfigError(f"field 'layers[{i}].ffn_dim' must be an integer, got {ffn_dim!r}")
+    return LayerShape(heads=list(heads), ffn_dim=ffn_dim)
 
 
 @dataclass
@@ -71,8 +115,10 @@ class BertConfig:
     layers: list[LayerShape] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.layers = [l if isinstance(l, LayerShape) else LayerShape(heads=list(l["heads"]), ffn_dim=int(l["ffn_dim"]))
-                       for l in self.layers]
+        self._check_fields()  # before the sizes are used to build the dense layer shapes
+        if not isinstance(self.layers, (list, tuple)):
+            raise ConfigError(f"field 'layers' must be a list of layer shapes, got {self.layers!r}")
+        self.layers = [_layer_shape(i, l) for i, l in enumerate(self.layers)]
         if not self.layers:
             self.layers = [LayerShape(list(range(self.num_attention_heads)), self.intermediate_size)
                            for _ in range(self.num_hidden_layers)]
@@ -88,45 +134,45 @@ class BertConfig:
         dense = LayerShape(list(range(self.num_attention_heads)), self.intermediate_size)
         return any(l != dense for l in self.layers)
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the field and value when the sizes cannot describe a BERT."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "type_vocab_size", "num_labels"):
+    def _check_fields(self) -> None:
+        """Each scalar field against its rule in FIELD_RULES, then the rules that tie two fields together."""
+        for name, (ok, allowed) in FIELD_RULES.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"config field {name!r} must be a positive integer, got {v!r}")
+            if not ok(v):
+                raise ConfigError(f"field {name!r} must be {allowed}, got {v!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}): heads must split the hidden vector evenly")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"config field {name!r} must be in [0, 1), got {v!r}")
-        if not (self.layer_norm_eps > 0 and math.isfinite(self.layer_norm_eps)):
-            raise ConfigError(f"layer_norm_eps must be a positive number, got {self.layer_norm_eps!r}")
-        if self.problem_type not in (None, "regression", "single_label_classification"):
-            raise ConfigError(f"problem_type {self.problem_type!r} is not supported "
-                              "(use 'regression' or 'single_label_classification')")
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ConfigError(f"field 'pad_token_id' must be a token id in [0, vocab_size={self.vocab_size}), "
+                              f"got {self.pad_token_id}")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field, the value and what is allowed when the sizes cannot describe a BERT."""
+        self._check_fields()
         if len(self.layers) != self.num_hidden_layers:
             raise ConfigError(f"'layers' lists {len(self.layers)} layer shapes but num_hidden_layers is "
                               f"{self.num_hidden_layers}")
         for i, l in enumerate(self.layers):
+            l = _layer_shape(i, l)
             if sorted(set(l.heads)) != list(l.heads) or any(not 0 <= h < self.num_attention_heads for h in l.heads):
-                raise ConfigError(f"layers[{i}].heads must be increasing head indices in "
+                raise ConfigError(f"field 'layers[{i}].heads' must be increasing head indices in "
                                   f"[0, {self.num_attention_heads}), got {l.heads}")
             if not 0 <= l.ffn_dim <= self.intermediate_size:
-                raise ConfigError(f"layers[{i}].ffn_dim must be in [0, {self.intermediate_size}], got {l.ffn_dim}")
+                raise ConfigError(f"field 'layers[{i}].ffn_dim' must be in [0, {self.intermediate_size}], "
+                                  f"got {l.ffn_dim}")
 
     # --- reading and writing -----------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> BertConfig:
         """Build from a Hugging Face style dict; keys minisnip does not use are ignored.
 
-        `id2label` (Hugging Face) sets `num_labels` when `num_labels` itself is absent.
+        `id2label` (Hugging Face) sets `num_labels` when `num_labels` itself is absent. `source` (the file the
+        dict was read from) starts every error message.
         """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         if "num_labels" not in kwargs and isinstance(d.get("id2label"), dict):

@@ -336,11 +336,11 @@ def test_hidden_size_not_divisible_by_heads():
 def test_config_rejects_bad_values(tiny_config):
     with pytest.raises(ConfigError, match="'num_hidden_layers' must be a positive integer, got 0"):
         tiny_config(num_hidden_layers=0)
-    with pytest.raises(ConfigError, match="hidden_act 'swish' is not supported"):
+    with pytest.raises(ConfigError, match="field 'hidden_act' must be one of .*, got 'swish'"):
         tiny_config(hidden_act="swish")
-    with pytest.raises(ConfigError, match=r"layers\[1\]\.heads must be increasing head indices in \[0, 4\), got \[0, 4\]"):
+    with pytest.raises(ConfigError, match=r"field 'layers\[1\]\.heads' must be increasing head indices in \[0, 4\), got \[0, 4\]"):
         tiny_config(layers=[{"heads": [0], "ffn_dim": 8}, {"heads": [0, 4], "ffn_dim": 8}])
-    with pytest.raises(ConfigError, match=r"layers\[0\]\.ffn_dim must be in \[0, 128\], got 129"):
+    with pytest.raises(ConfigError, match=r"field 'layers\[0\]\.ffn_dim' must be in \[0, 128\], got 129"):
         tiny_config(layers=[{"heads": [0], "ffn_dim": 129}, {"heads": [0], "ffn_dim": 8}])
     with pytest.raises(ConfigError, match="'layers' lists 1 layer shapes but num_hidden_layers is 2"):
         tiny_config(layers=[{"heads": [0], "ffn_dim": 8}])
