@@ -30,7 +30,7 @@ from pathlib import Path
 import minisnip
 from minisnip.finetune import environment, load_classifier, load_task_data
 from minisnip.snip.recipe import SnipConfig, dev_scores, recover, threshold_and_remove, train_with_prior
-from minisnip.snip.threshold import COMPRESSION_DEFINITION, compression
+from minisnip.pruning.compression import COMPRESSION_DEFINITION, compression
 from minisnip.train import TrainConfig, set_seed
 
 ORDER = ("dense", "snip", "snip-no-sn", "snip-no-prior")  # rows of the tables

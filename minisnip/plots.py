@@ -174,7 +174,7 @@ def plot_removed_grid(removed: Mapping[str, Mapping[str, Sequence[str]]], num_la
     (e.g. target compression), `removed[method][setting]` = the removed branch names (as `select_for_target`
     returns them; a block name removes all its heads / neuron groups). Each map is layers x [heads | neuron
     groups], dark = kept. Returns the figure."""
-    from .snip.branches import parse_name
+    from .pruning.branches import parse_name
     plt = _pyplot()
     rows, cols = list(removed), list(next(iter(removed.values())))
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.9 * len(cols) + 0.6, 1.6 * len(rows) + 0.9),

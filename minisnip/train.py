@@ -2,11 +2,18 @@
 
 `fit` trains a `BertForSequenceClassification` on tokenized data (`minisnip.data.Encoded`) the way BERT is
 fine-tuned (Devlin et al. 2019): AdamW (no weight decay on biases and LayerNorms), linear warm-up then
-linear decay of the learning rate, gradient-norm clipping, dropout as configured. Pruning methods plug in
-through `penalty(model, traces, attention_mask) -> Tensor`, added to the task loss (SNIP's identity prior
-is one); when a penalty is given, the forward pass records one `LayerTrace` per layer for it. Observers
-(running norm estimates, spectral norms through training, ...) plug in through `on_step(step, model, traces,
-attention_mask)`, called after every optimiser step with that step's traces; it changes nothing in training.
+linear decay of the learning rate, gradient-norm clipping, dropout as configured.
+
+Pruning methods (and observers) plug in through `hooks`: a list of `TrainHook` objects. Each step, fit calls
+
+    before_forward(ctx)   e.g. sample L0 gates, set masks from scores
+    loss(ctx)             an extra term added to the task loss (SNIP's identity prior, distillation, L0 penalty)
+    after_backward(ctx)   gradients are there (unscaled, not yet clipped): e.g. movement scores, head importance
+    after_step(ctx)       after the optimiser step: e.g. a sparsity schedule, a proximal step, a running estimate
+
+with a `StepContext` holding the step, the model, the batch, the logits, the task loss and (when any hook
+sets `needs_traces`) one `LayerTrace` per layer. `param_groups()` adds parameters of a hook's own (scores,
+gate logits) to the optimiser with their own learning rate. Nothing else of the loop changes.
 
 On a CPU a run repeats exactly for a seed: all randomness (data order, dropout, new heads) comes from it.
 On CUDA, bf16 autocast (fp16 with a gradient scaler where bf16 is missing) is on by default.
@@ -20,7 +27,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,8 +40,50 @@ from .metrics import compute_metrics
 from .model import BertForSequenceClassification, LayerTrace
 from .tokenizer import Tokenizer
 
-Penalty = Callable[[nn.Module, list[LayerTrace], Tensor], Tensor]
-StepHook = Callable[[int, nn.Module, list[LayerTrace], Tensor], None]
+
+@dataclass
+class StepContext:
+    """What a `TrainHook` sees at one training step (fields filled in as the step proceeds)."""
+
+    step: int  # 1-based number of this optimiser step
+    total_steps: int
+    epoch: int
+    model: nn.Module
+    batch: dict[str, Tensor]  # input_ids, attention_mask, token_type_ids, labels, on the device
+    logits: Tensor | None = None
+    loss: Tensor | None = None  # the task loss of this batch
+    traces: list[LayerTrace] | None = None  # one per layer when a hook needs them
+
+    @property
+    def mask(self) -> Tensor:
+        return self.batch["attention_mask"]
+
+
+class TrainHook:
+    """A pruning method's (or an observer's) part in fine-tuning; every method does nothing unless overridden."""
+
+    needs_traces: bool = False  # ask the forward pass to record one LayerTrace per layer
+
+    def param_groups(self) -> list[dict]:
+        """Extra optimiser groups ({"params": [...], "lr": ..., "weight_decay": ...}) of the hook's own."""
+        return []
+
+    def before_forward(self, ctx: StepContext) -> None:
+        pass
+
+    def loss(self, ctx: StepContext) -> Tensor | None:
+        """An extra term added to the task loss (None: nothing)."""
+        return None
+
+    def after_backward(self, ctx: StepContext) -> None:
+        pass
+
+    def after_step(self, ctx: StepContext) -> None:
+        pass
+
+    def epoch_log(self) -> dict:
+        """Numbers for this epoch's record in the history (e.g. current sparsity), JSON-serialisable."""
+        return {}
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,14 +148,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    """AdamW without decay on biases and LayerNorm weights; LR: linear warm-up, then linear decay to 0."""
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, extra_groups: Sequence[dict] = ()):
+    """AdamW without decay on biases and LayerNorm weights; LR: linear warm-up, then linear decay to 0.
+
+    extra_groups: parameter groups of the training hooks (their own lr, weight decay 0 unless given); they
+    follow the same schedule."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 else decay).append(p)
+    extra = [{"weight_decay": 0.0, **g} for g in extra_groups]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+                             {"params": no_decay, "weight_decay": 0.0}, *extra], lr=cfg.lr)
     warmup = int(cfg.warmup_ratio * total_steps)
 
     def schedule(step: int) -> float:
@@ -129,23 +182,28 @@ class Optimisation:
     steps_per_epoch: int
 
 
-def start_training(model: nn.Module, cfg: TrainConfig, n_train: int) -> Optimisation:
+def start_training(model: nn.Module, cfg: TrainConfig, n_train: int, hooks: Sequence[TrainHook] = ()) -> Optimisation:
     """Seed, move the model to its device, and build optimiser, schedule and (fp16 only) gradient scaler."""
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = amp_dtype(device, cfg.amp)
     model.to(device)
     steps_per_epoch = cfg.steps_per_epoch(n_train)
-    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs)
+    groups = [g for h in hooks for g in h.param_groups()]
+    opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs, groups)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Optimisation(device, dtype, opt, sched, scaler, steps_per_epoch)
 
 
-def optimizer_step(model: nn.Module, total: Tensor, o: Optimisation, max_grad_norm: float) -> None:
-    """Backward, clip the gradient norm, one AdamW step, one schedule step."""
+def optimizer_step(model: nn.Module, total: Tensor, o: Optimisation, max_grad_norm: float,
+                   after_backward: Callable[[], None] | None = None) -> None:
+    """Backward, (after_backward: gradients unscaled, not yet clipped), clip the gradient norm, one AdamW step,
+    one schedule step."""
     o.opt.zero_grad(set_to_none=True)
     o.scaler.scale(total).backward()
     o.scaler.unscale_(o.opt)
+    if after_backward is not None:
+        after_backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     o.scaler.step(o.opt)
     o.scaler.update()
@@ -198,41 +256,53 @@ class History:
 
 
 def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTask, train: Encoded,
-        dev: dict[str, Encoded], cfg: TrainConfig, out_dir: Path | None = None, penalty: Penalty | None = None,
-        restore_best: bool = True, on_step: StepHook | None = None) -> History:
+        dev: dict[str, Encoded], cfg: TrainConfig, out_dir: Path | None = None,
+        hooks: Sequence[TrainHook] = (), restore_best: bool = True) -> History:
     """Fine-tune `model` on `train`, evaluating on every `dev` split after each epoch.
 
     The first dev split's main metric picks the best epoch; its weights are kept (in memory, and in
     `out_dir/best` as a minisnip checkpoint with the tokenizer when `out_dir` is given) and restored at the
-    end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step. `on_step(step, model,
-    traces, attention_mask)` is called after every optimiser step (step counts from 1), under no_grad.
+    end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step. `hooks` take part in
+    every step as the module docstring says; `after_step` runs under no_grad.
     """
-    o = start_training(model, cfg, len(train))
+    hooks = list(hooks)
+    o = start_training(model, cfg, len(train), hooks)
     device, dtype, sched = o.device, o.dtype, o.sched
     history, best_state = History(), None
     main_split = next(iter(dev))
-    progress = _progress(cfg.progress, o.steps_per_epoch * cfg.epochs, f"{task.display} fine-tune")
+    total_steps = o.steps_per_epoch * cfg.epochs
+    want_traces = any(h.needs_traces for h in hooks)
+    progress = _progress(cfg.progress, total_steps, f"{task.display} fine-tune")
+    saved = has_terms = False
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0, loss_sum, pen_sum, n_batches = time.perf_counter(), 0.0, 0.0, 0
         for _, batch in iterate(train, length_bucketed_batches(train.lengths, cfg.batch_size, cfg.seed + epoch),
                                 tokenizer):
             batch = {k: v.to(device) for k, v in batch.items()}
-            traces: list[LayerTrace] | None = [] if penalty is not None or on_step is not None else None
+            ctx = StepContext(step=history.steps + 1, total_steps=total_steps, epoch=epoch, model=model, batch=batch,
+                              traces=[] if want_traces else None)
+            for h in hooks:
+                h.before_forward(ctx)
             with autocast(device, dtype):
-                logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], traces)
-                loss = model.loss(logits, batch["labels"])
-                pen = penalty(model, traces, batch["attention_mask"]) if penalty is not None else None
+                ctx.logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces)
+                ctx.loss = loss = model.loss(ctx.logits, batch["labels"])
+                terms = [t for t in (h.loss(ctx) for h in hooks) if t is not None]
+                pen = torch.stack([t.float() for t in terms]).sum() if terms else None
+            has_terms = has_terms or pen is not None
             total = loss + pen if pen is not None else loss
             if not torch.isfinite(total):
                 raise TrainingDiverged(
-                    f"loss became {total.item()} at step {history.steps + 1} (epoch {epoch}, batch {n_batches + 1}); "
-                    + (f"the last good checkpoint is {out_dir / 'best'}" if out_dir else "no checkpoint was kept"))
-            optimizer_step(model, total, o, cfg.max_grad_norm)
+                    f"loss became {total.item()} at step {ctx.step} (epoch {epoch}, batch {n_batches + 1}); "
+                    + (f"the last good checkpoint is {Path(out_dir) / 'best'}" if saved
+                       else "no checkpoint was saved before it"))
+            optimizer_step(model, total, o, cfg.max_grad_norm,
+                           after_backward=(lambda: [h.after_backward(ctx) for h in hooks]) if hooks else None)
             history.steps += 1
-            if on_step is not None:
+            if hooks:
                 with torch.no_grad():
-                    on_step(history.steps, model, traces, batch["attention_mask"])
+                    for h in hooks:
+                        h.after_step(ctx)
             n_batches += 1
             loss_sum += loss.item()
             pen_sum += pen.item() if pen is not None else 0.0
@@ -245,8 +315,10 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                                      ex_per_s=f"{history.train_examples / seconds:.1f}")
         history.train_seconds += time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": loss_sum / max(1, n_batches),
-                  "penalty": pen_sum / max(1, n_batches) if penalty is not None else None,
+                  "penalty": pen_sum / max(1, n_batches) if has_terms else None,
                   "lr_end": sched.get_last_lr()[0], "dev": {}}
+        for h in hooks:
+            record.update(h.epoch_log())
         for name, data in dev.items():
             record["dev"][name] = evaluate(model, data, task, tokenizer, cfg.eval_batch_size, device, dtype)
         history.epochs.append(record)
@@ -256,6 +328,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if out_dir is not None:
                 save_pretrained(model, Path(out_dir) / "best", tokenizer=tokenizer)
+                saved = True
         if progress is not None:
             progress.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}, {main_split} "
                            f"{task.main_metric} {score:.4f}")

@@ -10,9 +10,10 @@ import torch
 import minisnip
 from minisnip.config import BertConfig
 from minisnip.model import BertForSequenceClassification, BertModel
-from minisnip.snip import (COMPRESSION_DEFINITION, apply_pruning, canonical_names, compression,
-                           dense_encoder_linear_params, encoder_linear_params, function_norms, list_branches,
-                           parse_name, select_below_threshold, select_for_target)
+from minisnip.pruning import (COMPRESSION_DEFINITION, apply_pruning, canonical_names, compression,
+                              dense_encoder_linear_params, encoder_linear_params, list_branches, parse_name,
+                              select_below_threshold, select_for_target)
+from minisnip.snip import function_norms
 from minisnip.surgery import PruningError, prune_ffn_neurons, prune_heads
 
 H, HEADS, D, F, L = 64, 4, 16, 128, 3
@@ -124,7 +125,7 @@ def test_target_errors():
     for bad in (0, 0.0, -0.2, 1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="target"):
             select_for_target(bs, norms, bad, model=m)
-    with pytest.raises(ValueError, match="no function norm"):
+    with pytest.raises(ValueError, match="no score"):
         select_for_target(bs, {}, 0.5, model=m)
     heads_only = list_branches(m, ("head",))
     with pytest.raises(ValueError, match="cannot be reached"):

@@ -10,8 +10,8 @@ import torch
 import minisnip
 from minisnip.config import BertConfig
 from minisnip.model import BertModel
-from minisnip.snip import (Branch, NormEMA, branch_sq_norms, encoder_linear_params, function_norms,
-                           list_branches, parse_name)
+from minisnip.pruning import Branch, encoder_linear_params, list_branches, parse_name
+from minisnip.snip import NormEMA, branch_sq_norms, function_norms
 from minisnip.surgery import prune_ffn_neurons, prune_heads, remove_blocks
 
 H, HEADS, D, F, L = 64, 4, 16, 128, 3
@@ -79,7 +79,7 @@ def test_names_use_original_head_indices_and_parse_back():
 
 
 def _true_params(model) -> dict[str, int]:
-    """Parameter counts read off the weight shapes, independent of the formulas in branches.py."""
+    """Parameter counts read off the weight shapes, independent of the formulas in pruning/branches.py."""
     out = {}
     for i, layer in enumerate(model.layers):
         a = layer.attention

@@ -10,7 +10,8 @@ from torch.func import functional_call
 
 from minisnip.config import BertConfig
 from minisnip.model import BertModel
-from minisnip.snip import function_norms, identity_prior, list_branches
+from minisnip.pruning import list_branches
+from minisnip.snip import function_norms, identity_prior
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ from minisnip.__main__ import main
 from minisnip.data import length_bucketed_batches, sorted_batches
 from minisnip.finetune import RunDirError, load_classifier, load_task_data, run_finetune, run_seeds, summarize
 from minisnip.glue import get_task
-from minisnip.train import TrainConfig, TrainingDiverged, fit, make_optimizer
+from minisnip.train import TrainConfig, TrainHook, TrainingDiverged, fit, make_optimizer
 
 
 def quick_cfg(**kw) -> TrainConfig:
@@ -87,8 +87,8 @@ def test_training_learns_a_separable_toy_task(tiny_folder, glue_fixtures_dir):
     assert history.epochs[-1]["dev"]["train"]["loss"] < 0.05
 
 
-def test_on_step_hook_sees_every_step_and_changes_no_result(tiny_folder, glue_fixtures_dir):
-    """`on_step` gets each step's number, the model after the update, the layer traces and the mask; with
+def test_after_step_hook_sees_every_step_and_changes_no_result(tiny_folder, glue_fixtures_dir):
+    """`after_step` gets each step's number, the model after the update, the layer traces and the mask; with
     dropout off (traces make the last layer compute every position, so dropout draws would differ) the run's
     losses and weights equal those of a run without the hook."""
     tokenizer = minisnip.load_tokenizer(tiny_folder)
@@ -100,12 +100,17 @@ def test_on_step_hook_sees_every_step_and_changes_no_result(tiny_folder, glue_fi
             tiny_folder, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         seen = []
 
-        def hook(step, m, traces, mask):
-            assert m is model and not torch.is_grad_enabled()
-            assert len(traces) == len(m.bert.layers) and traces[0].x.shape[:2] == mask.shape
-            seen.append((step, m.classifier.weight.clone()))
+        class Probe(TrainHook):
+            needs_traces = True
+
+            def after_step(self, ctx):
+                m, traces = ctx.model, ctx.traces
+                assert m is model and not torch.is_grad_enabled()
+                assert len(traces) == len(m.bert.layers) and traces[0].x.shape[:2] == ctx.mask.shape
+                assert ctx.logits.shape == (ctx.batch["input_ids"].shape[0], 2) and ctx.loss.dim() == 0
+                seen.append((ctx.step, m.classifier.weight.clone()))
         history = fit(model, tokenizer, data.task, data.train, {"dev": data.dev["dev"]}, quick_cfg(),
-                      on_step=hook if hooked else None, restore_best=False)
+                      hooks=[Probe()] if hooked else [], restore_best=False)
         runs.append((history, model, seen))
     (plain, m0, _), (hooked, m1, seen) = runs
     assert [s for s, _ in seen] == list(range(1, hooked.steps + 1))
@@ -122,12 +127,13 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_fold
     steps_per_epoch = -(-len(data.train) // 4)
     calls = {"n": 0}
 
-    def penalty(model, traces, mask):  # finite through epoch 1, then NaN
-        calls["n"] += 1
-        return torch.tensor(float("nan") if calls["n"] > steps_per_epoch else 0.0)
+    class NanAfterEpoch1(TrainHook):  # finite through epoch 1, then NaN
+        def loss(self, ctx):
+            calls["n"] += 1
+            return torch.tensor(float("nan") if calls["n"] > steps_per_epoch else 0.0)
 
     with pytest.raises(TrainingDiverged, match=rf"step {steps_per_epoch + 1} \(epoch 2, batch 1\).*best"):
-        fit(model, tokenizer, data.task, data.train, data.dev, quick_cfg(), out_dir=tmp_path, penalty=penalty)
+        fit(model, tokenizer, data.task, data.train, data.dev, quick_cfg(), out_dir=tmp_path, hooks=[NanAfterEpoch1()])
     reloaded = minisnip.BertForSequenceClassification.from_pretrained(tmp_path / "best")
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
 
@@ -139,12 +145,12 @@ def test_ctrl_c_leaves_result_and_checkpoint_loadable(tiny_folder, glue_fixtures
     def interrupted_fit(model, tokenizer, task, train, *args, **kwargs):
         calls, steps_per_epoch = {"n": 0}, -(-len(train) // 4)
 
-        def penalty(model, traces, mask):
-            calls["n"] += 1
-            if calls["n"] > steps_per_epoch:  # Ctrl-C in epoch 2, after epoch 1 saved its checkpoint
-                raise KeyboardInterrupt
-            return torch.zeros(())
-        return real_fit(model, tokenizer, task, train, *args, **kwargs, penalty=penalty)
+        class CtrlC(TrainHook):
+            def before_forward(self, ctx):
+                calls["n"] += 1
+                if calls["n"] > steps_per_epoch:  # Ctrl-C in epoch 2, after epoch 1 saved its checkpoint
+                    raise KeyboardInterrupt
+        return real_fit(model, tokenizer, task, train, *args, **kwargs, hooks=[CtrlC()])
 
     monkeypatch.setattr(ft, "fit", interrupted_fit)
     with pytest.raises(KeyboardInterrupt):

@@ -9,7 +9,7 @@ Reconstruction used here (the paper publishes no formula): the prior is a group 
 
     R = sum_m w_m ||f_m||,      ||f_m|| = sqrt( mean over the batch's real tokens of ||f_m(x_t)||^2 ),
 
-with the function norm of `minisnip.snip.branches`. The training loss is L_task + lambda * R; the caller
+with the function norm of `minisnip.snip.norms`. The training loss is L_task + lambda * R; the caller
 multiplies by lambda.
 
 Why the norm and not its square: the squared norm is smooth at 0 and its gradient 2 f_m vanishes as f_m
@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..model import LayerTrace
-from .branches import batch_sq_norms, branch_params, check_kinds
+from ..pruning.branches import branch_params, check_kinds
+from .norms import batch_sq_norms
 
 _EPS = 1e-20
 

@@ -28,12 +28,13 @@ from ..config import BertConfig
 from ..data import Encoded, iterate, length_bucketed_batches
 from ..finetune import environment, load_classifier, load_task_data, prepare_run_dir, short_name
 from ..model import LayerTrace
+from ..pruning import (COMPRESSION_DEFINITION, apply_pruning, compression, list_branches, select_below_threshold,
+                       select_for_target)
 from ..tokenizer import Tokenizer, load_tokenizer
-from ..train import TrainConfig, evaluate, fit, set_seed
-from .branches import function_norms, list_branches
+from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit, set_seed
+from .norms import function_norms
 from .prior import identity_prior
 from .spectral import apply_spectral_norm, remove_spectral_norm
-from .threshold import COMPRESSION_DEFINITION, apply_pruning, compression, select_below_threshold, select_for_target
 
 METHODS = ("snip", "snip-no-sn", "snip-no-prior", "dense")
 
@@ -78,7 +79,7 @@ class SnipConfig:
         return self.method == "snip"
 
 
-class PriorPenalty:
+class PriorPenalty(TrainHook):
     """The training-loop hook: λ_t Σ_m w_m ||f_m|| on the batch (see prior.py), called once per training step.
 
     λ_t ramps linearly from 0 to λ over the first `warmup_steps` calls (then stays at λ): at step 0 the
@@ -86,6 +87,8 @@ class PriorPenalty:
     would shrink every branch before the task has said which ones it needs (measured: λ = 1e-3 from step 0
     leaves MiniLM at chance on SST-2). `step` counts the calls so far; it is the only state.
     """
+
+    needs_traces = True
 
     def __init__(self, cfg: SnipConfig, group: int, warmup_steps: int = 0) -> None:
         self.cfg, self.group, self.warmup_steps, self.step = cfg, group, max(0, warmup_steps), 0
@@ -96,10 +99,14 @@ class PriorPenalty:
             return self.cfg.prior_lambda
         return self.cfg.prior_lambda * (self.step + 1) / (self.warmup_steps + 1)
 
-    def __call__(self, model: nn.Module, traces: list[LayerTrace], mask: Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, traces: list[LayerTrace], mask: Tensor | None) -> Tensor:
+        """λ_t R on one batch's traces; advances the step."""
         lam = self.strength()
         self.step += 1
         return lam * identity_prior(model, traces, mask, self.cfg.kinds, self.cfg.prior_weights, self.group)
+
+    def loss(self, ctx: StepContext) -> Tensor:
+        return self(ctx.model, ctx.traces, ctx.mask)
 
 
 def prior_penalty(cfg: SnipConfig, group: int, total_steps: int = 0) -> PriorPenalty:
@@ -144,7 +151,7 @@ def train_with_prior(model: nn.Module, tokenizer: Tokenizer, data, cfg: SnipConf
         apply_spectral_norm(model, bound=cfg.sn_bound)
     total_steps = train_cfg.steps_per_epoch(len(data.train)) * train_cfg.epochs
     penalty = prior_penalty(cfg, group, total_steps) if cfg.uses_prior else None
-    history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, penalty=penalty)
+    history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, hooks=[penalty] if penalty else [])
     if cfg.uses_sn:
         remove_spectral_norm(model)
     return history

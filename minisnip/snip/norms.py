@@ -1,0 +1,258 @@
+"""Function norms: how large each residual branch's function is, exactly on a data set or as a running estimate.
+
+The paper speaks of the "function norm" of a module f_m and prunes by "a thresholding operator on the function
+norm"; it gives no formula. minisnip's reconstruction is the root mean square of the branch's own output over
+the real (non-padding) tokens of a data set:
+
+    ||f_m|| = sqrt( mean_{tokens t, not padding} ||f_m(x_t)||_2^2 )
+
+where f_m(x) is the branch output before dropout and before the residual sum:
+
+    head h:          W_O[:, cols_h] ctx_h                (no bias: b_O belongs to the block)
+    attention block: Attn(x) = W_O ctx + b_O             (`LayerTrace.attention_out`)
+    FFN block:       FFN(h)  = W_2 z + b_2               (`LayerTrace.ffn_out`)
+    neuron group g:  W_2[:, g] z_g                       (no bias: b_2 belongs to the block)
+
+Branch names and kinds are those of `minisnip.pruning.branches`.
+
+A block gate (`Attention.gate`, `FeedForward.gate`) multiplies everything its block outputs, so the norms
+of its heads / neuron groups include it; head and neuron gates are already inside ctx and z.
+
+Heads and neuron groups are measured without materialising one hidden-size vector per head and token
+(`Attention.head_outputs` is (batch, heads, seq, hidden)); with W_h = W_O[:, cols_h] (hidden x d):
+
+    ||W_h c||^2 = c^T (W_h^T W_h) c
+
+so one (heads, d, d) Gram matrix per layer turns the per-token cost from O(hidden * d) into O(d^2) per
+head, and memory from (batch, heads, seq, hidden) into (batch, heads, seq, d). Same for neuron groups with
+the columns of W_2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..model import Layer, LayerTrace
+from ..pruning.branches import branch_name, branch_params, check_kinds
+from ..surgery import encoder_of
+
+
+# --- per-token squared norms ---------------------------------------------------------------------------------
+
+def head_gram(attention) -> Tensor:
+    """G[h] = W_h^T W_h with W_h = W_O[:, cols_h]: (heads, d, d)."""
+    w = attention.out.weight.view(attention.out.out_features, attention.num_heads, attention.head_dim)
+    return torch.einsum("ond,one->nde", w, w)
+
+
+def neuron_gram(ffn, size: int) -> Tensor:
+    """G[g] = W_g^T W_g with W_g = W_2[:, group g] (zero-padded to `size` columns): (groups, size, size)."""
+    w = ffn.down.weight
+    pad = (-ffn.ffn_dim) % size
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    w = w.view(w.shape[0], -1, size)
+    return torch.einsum("ogi,ogj->gij", w, w)
+
+
+def _block_gate_sq(module, dtype) -> Tensor | None:
+    return None if module.gate is None else module.gate.to(dtype).pow(2)
+
+
+def branch_sq_norms(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | None,
+                    kinds: Iterable[str] = ("head", "attention", "ffn"), *, layer_index: int,
+                    neuron_group_size: int | None = None) -> tuple[list[str], Tensor]:
+    """Per-token squared function norms ||f_m(x_t)||^2 of one layer's branches.
+
+    Returns (names, sq) with sq of shape (batch, seq, len(names)); column j belongs to names[j], in the
+    canonical order of `list_branches`. Padding tokens (mask == 0; mask is the (batch, seq) attention mask,
+    None = all real) are set to exactly 0, so a sum over tokens divided by mask.sum() is the mean over real
+    tokens. Differentiable (autograd flows into the trace and the layer's weights).
+
+    Heads and neuron groups use the Gram identity ||W_h c||^2 = c^T (W_h^T W_h) c (see module doc).
+    """
+    kinds = check_kinds(kinds, neuron_group_size)
+    names: list[str] = []
+    cols: list[Tensor] = []
+    attn, ffn = layer_module.attention, layer_module.ffn
+    if attn is not None and trace_layer.context is None:
+        raise ValueError(f"layer {layer_index}: the trace has no attention context but the layer has an "
+                         "attention block; was the trace recorded before pruning?")
+    if attn is not None:
+        if "head" in kinds:
+            ctx = trace_layer.context                                        # (B, n, S, d)
+            g = head_gram(attn).to(ctx.dtype)                                # (n, d, d)
+            sq = (torch.matmul(ctx, g) * ctx).sum(-1)                        # (B, n, S)
+            gate = _block_gate_sq(attn, sq.dtype)
+            if gate is not None:
+                sq = sq * gate
+            cols.append(sq.transpose(1, 2))                                  # (B, S, n)
+            names += [branch_name(layer_index, "head", h) for h in attn.heads]
+        if "attention" in kinds:
+            cols.append(trace_layer.attention_out.pow(2).sum(-1, keepdim=True))
+            names.append(branch_name(layer_index, "attention"))
+    if ffn is not None:
+        if trace_layer.ffn_act is None:
+            raise ValueError(f"layer {layer_index}: the trace has no FFN activations but the layer has an FFN")
+        if "neurons" in kinds:
+            z = trace_layer.ffn_act                                          # (B, S, F)
+            size = neuron_group_size
+            pad = (-ffn.ffn_dim) % size
+            if pad:
+                z = torch.nn.functional.pad(z, (0, pad))
+            z = z.view(z.shape[0], z.shape[1], -1, size)                     # (B, S, G, g)
+            if size == 1:
+                sq = z.squeeze(-1).pow(2) * ffn.down.weight.pow(2).sum(0).to(z.dtype)
+            else:
+                g = neuron_gram(ffn, size).to(z.dtype)                       # (G, g, g)
+                sq = (torch.einsum("bsgi,gij->bsgj", z, g) * z).sum(-1)      # (B, S, G)
+            gate = _block_gate_sq(ffn, sq.dtype)
+            if gate is not None:
+                sq = sq * gate
+            cols.append(sq)
+            names += [branch_name(layer_index, "neurons", i) for i in range(sq.shape[-1])]
+        if "ffn" in kinds:
+            cols.append(trace_layer.ffn_out.pow(2).sum(-1, keepdim=True))
+            names.append(branch_name(layer_index, "ffn"))
+    b, s = trace_layer.x.shape[:2]
+    if not cols:
+        return names, trace_layer.x.new_zeros(b, s, 0)
+    sq = torch.cat(cols, dim=-1)
+    if mask is not None:
+        sq = torch.where(mask.to(torch.bool).view(b, s, 1), sq, sq.new_zeros(()))
+    return names, sq
+
+
+def token_mask(attention_mask: Tensor | None, traces: Sequence[LayerTrace]) -> Tensor:
+    """The (batch, seq) boolean mask of real tokens (all True when attention_mask is None)."""
+    if attention_mask is not None:
+        return attention_mask.to(torch.bool)
+    x = traces[0].x
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
+def batch_sq_norms(model: nn.Module, traces: Sequence[LayerTrace], attention_mask: Tensor | None,
+                   kinds: Iterable[str], neuron_group_size: int | None = None
+                   ) -> tuple[list[str], Tensor, Tensor]:
+    """(names, summed squared norms over the batch's real tokens (n_branches,), number of real tokens)."""
+    enc = encoder_of(model)
+    if len(traces) != len(enc.layers):
+        raise ValueError(f"got {len(traces)} layer traces for a model with {len(enc.layers)} layers; "
+                         "pass a fresh list as trace= to each forward")
+    mask = token_mask(attention_mask, traces)
+    names: list[str] = []
+    sums: list[Tensor] = []
+    for i, (t, layer) in enumerate(zip(traces, enc.layers)):
+        n, sq = branch_sq_norms(t, layer, mask, kinds, layer_index=i, neuron_group_size=neuron_group_size)
+        names += n
+        sums.append(sq.sum(dim=(0, 1)))
+    total = torch.cat(sums) if sums else traces[0].x.new_zeros(0)
+    return names, total, mask.sum()
+
+
+# --- estimates over a data set and during training ---------------------------------------------------------
+
+def _encoder_inputs(batch: Mapping, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if "input_ids" not in batch:
+        raise ValueError(f"a calibration batch needs 'input_ids'; got keys {sorted(batch)}")
+    get = lambda k: None if batch.get(k) is None else torch.as_tensor(batch[k]).to(device)  # noqa: E731
+    return get("input_ids"), get("attention_mask"), get("token_type_ids")
+
+
+def function_norms(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
+                   kinds: Iterable[str] = ("head", "attention", "ffn"), neuron_group_size: int | None = None,
+                   param_weighted: bool = False) -> dict[str, float]:
+    """||f_m|| for every branch, estimated exactly over a calibration set.
+
+    ||f_m|| = sqrt( sum over all batches' real tokens of ||f_m(x_t)||^2 / number of real tokens ) -- a mean
+    over tokens of the whole set (not a mean of per-batch means). Runs in eval mode (no dropout; the
+    model's mode is restored afterwards) under no_grad. `batches`: dicts with input_ids and optionally
+    attention_mask / token_type_ids (other keys, e.g. labels, are ignored).
+
+    param_weighted=True returns ||f_m|| / params_m (norm per parameter): it ranks a branch by how much output
+    it buys per weight, so a large FFN block is no longer protected by its size alone when comparing
+    branches of different kinds.
+    """
+    kinds = check_kinds(kinds, neuron_group_size)
+    enc = encoder_of(model)
+    device = next(enc.parameters()).device
+    was_training = model.training
+    model.eval()
+    names: list[str] | None = None
+    total: Tensor | None = None
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids, am, tt = _encoder_inputs(batch, device)
+                trace: list[LayerTrace] = []
+                enc(ids, am, tt, trace=trace)
+                n, s, c = batch_sq_norms(enc, trace, am, kinds, neuron_group_size)
+                if names is None:
+                    names, total = n, s.double()
+                else:
+                    total += s.double()
+                count += int(c)
+    finally:
+        model.train(was_training)
+    if names is None:
+        raise ValueError("function_norms got no calibration batches")
+    if count == 0:
+        raise ValueError("the calibration batches hold no real (non-padding) token")
+    norms = (total / count).clamp_min(0).sqrt().tolist()
+    out = dict(zip(names, norms))
+    if param_weighted:
+        params = branch_params(enc, kinds, neuron_group_size)
+        out = {k: v / params[k] for k, v in out.items()}
+    return out
+
+
+class NormEMA:
+    """Running estimate of the function norms during training, from the traces the training step has anyway.
+
+    Per branch it keeps an exponential moving average of the batch's mean squared norm over real tokens,
+    m <- decay * m + (1 - decay) * batch_mean (the first batch sets m), and reports sqrt(m). Averaging the
+    squares (not the norms) keeps the estimate consistent with `function_norms`. The traces are read
+    detached: updating never adds to the autograd graph. Branches no longer present in the model (pruned
+    since the last update) are dropped; new ones start from their first batch.
+    """
+
+    def __init__(self, kinds: Iterable[str] = ("head", "attention", "ffn"), decay: float = 0.99,
+                 neuron_group_size: int | None = None):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.kinds = check_kinds(kinds, neuron_group_size)
+        self.decay = decay
+        self.neuron_group_size = neuron_group_size
+        self._sq: dict[str, float] = {}
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, traces: Sequence[LayerTrace], mask: Tensor | None, model: nn.Module) -> None:
+        """Fold one batch in. traces: from model(..., trace=[]); mask: that batch's attention_mask."""
+        names, sums, count = batch_sq_norms(model, traces, mask, self.kinds, self.neuron_group_size)
+        if int(count) == 0:
+            return
+        means = (sums.detach().double() / int(count)).tolist()
+        new = {}
+        for name, m in zip(names, means):
+            old = self._sq.get(name)
+            new[name] = m if old is None else self.decay * old + (1.0 - self.decay) * m
+        self._sq = new
+        self.steps += 1
+
+    def norms(self) -> dict[str, float]:
+        """{name: running ||f_m||}; empty before the first update."""
+        return {k: math.sqrt(max(v, 0.0)) for k, v in self._sq.items()}
+
+    def reset(self) -> None:
+        self._sq = {}
+        self.steps = 0
+
+
+__all__ = ["NormEMA", "batch_sq_norms", "branch_sq_norms", "function_norms", "head_gram", "neuron_gram",
+           "token_mask"]
