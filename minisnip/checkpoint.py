@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -96,12 +97,17 @@ def read_state_dict(folder: Path) -> tuple[dict[str, Tensor], Path]:
             if name == "model.safetensors":
                 return load_file(str(path)), path
             if name.endswith(".index.json"):
-                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+                shards = _shard_files(path)
                 sd: dict[str, Tensor] = {}
                 for shard in shards:
                     sd.update(load_file(str(folder / shard)))
                 return sd, path
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                if "Weights only load failed" in str(e):
+                    raise CheckpointError(_unsafe_pickle_message(path, str(e))) from None
+                raise
             if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
                 raise CheckpointError(f"{path}: expected a state dict (a dict of tensors), got {type(sd).__name__}")
             return sd, path
@@ -113,6 +119,45 @@ def read_state_dict(folder: Path) -> tuple[dict[str, Tensor], Path]:
                                   "the file is corrupt or truncated") from None
     present = sorted(p.name for p in folder.iterdir())
     raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)}); files present: {present}")
+
+
+def _shard_files(index: Path) -> list[str]:
+    """The shard files named by a sharded checkpoint's index, each checked to be a file beside it."""
+    try:
+        d = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: field 'weight_map' must be a non-empty object mapping weight names to "
+                              f"shard file names, got {_clip(weight_map)}")
+    for k, v in weight_map.items():
+        if not isinstance(v, str) or not v or Path(v).name != v:
+            raise CheckpointError(f"{index}: field 'weight_map' must map each weight name to the file name of a shard "
+                                  f"in the same folder, got {k!r}: {_clip(v)}")
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: field 'weight_map' names shard file(s) {missing} that do not exist "
+                              f"in {index.parent}")
+    return shards
+
+
+def _clip(v: object, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def _unsafe_pickle_message(path: Path, torch_message: str) -> str:
+    """Why a pytorch_model.bin that needs weights_only=False is refused, and how to convert it safely."""
+    m = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", torch_message, flags=re.MULTILINE)
+    reason = f" ({m.group(1).strip().rstrip('.')})" if m else ""
+    code = (f"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, weights_only=False); "
+            f"st.save_file({{k: v.clone().contiguous() for k, v in sd.items()}}, "
+            f"{str(path.parent / 'model.safetensors')!r})")
+    return (f"{path}: refused to unpickle: the file holds Python objects other than tensors{reason}, and loading it "
+            "with weights_only=False could run arbitrary code. Only if you trust its source, convert it once to "
+            f'safetensors (minisnip reads model.safetensors first): python -c "{code}"')
 
 
 def hf_to_minisnip(sd: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
@@ -212,6 +257,42 @@ def _load_checked(module: nn.Module, sd: dict[str, Tensor], source: Path, option
 
 
 # --- writing ----------------------------------------------------------------------------------------------
+def _make_parents(target: Path) -> list[Path]:
+    """Create the folders above `target`; return those created (deepest first) so a failure can remove them.
+
+    Raises an OSError of one line naming `target` when a file stands where a folder must be, or a folder
+    cannot be created.
+    """
+    missing = []
+    for p in [target.parent, *target.parent.parents]:
+        if p.is_dir():
+            break
+        if p.exists() or p.is_symlink():
+            raise NotADirectoryError(f"cannot write {target}: {p} exists and is not a folder")
+        missing.append(p)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(missing)
+        raise _cannot_write(target, e) from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+def _cannot_write(target: Path, e: OSError) -> OSError:
+    """The same kind of OSError, with one line that names the target first."""
+    err = type(e)(f"cannot write {target}: {e}")
+    err.errno = e.errno  # kept for programs; str(err) stays the one line above
+    return err
+
+
 def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Path:
     """Write config.json + model.safetensors (+ the tokenizer, if given) into `folder`, atomically.
 
@@ -224,14 +305,19 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Pat
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(p.name not in CHECKPOINT_FILES for p in folder.iterdir())):
         raise FileExistsError(f"{folder} exists and is not a minisnip checkpoint folder; choose another path")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config.update(minisnip_format=MINISNIP_FORMAT, architectures=[type(model).__name__])
+    config_text = _json_text(config, folder / "config.json")
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    created = _make_parents(folder)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    except OSError as e:
+        _remove_empty(created)
+        raise _cannot_write(folder, e) from None
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(config_text, encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp)
         for p in tmp.iterdir():
@@ -249,25 +335,68 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Pat
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
+        if isinstance(e, OSError):
+            raise _cannot_write(folder, e) from None
         raise
     return folder
 
 
-def write_json(path: str | Path, obj) -> Path:
-    """Write `obj` as indented JSON, atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _json_text(obj, path: Path) -> str:
+    """`obj` as indented JSON; a NaN or infinity anywhere is refused (JSON has none), naming where it is."""
     try:
+        return json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n"
+    except ValueError as e:
+        where = _non_finite(obj) if "Out of range float" in str(e) else None
+        if where is None:
+            raise ValueError(f"{path}: cannot write as JSON ({e})") from None
+        raise ValueError(f"{path}: value at {where[0]} is {float(where[1])!r}; JSON has no NaN or infinity "
+                         "(nothing was written)") from None
+
+
+def _non_finite(obj, where: str = "") -> tuple[str, float] | None:
+    """The JSON path (e.g. `scores.dev.pearson`, `losses[3]`) and value of the first NaN or infinity in obj."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "(top level)", obj
+    if isinstance(obj, dict):
+        places = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        places = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for place, v in places:
+        found = _non_finite(v, place)
+        if found:
+            return found
+    return None
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write `obj` as indented JSON, atomically (temporary file in the same folder, then rename).
+
+    A NaN or infinity anywhere in `obj` raises ValueError naming its place; an unwritable path raises an
+    OSError naming the path. Either way nothing is written and a previous file stays as it was.
+    """
+    path = Path(path)
+    text = _json_text(obj, path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder, not a file")
+    created = _make_parents(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        _remove_empty(created)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from None
         raise
     return path

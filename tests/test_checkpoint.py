@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import minisnip
 from minisnip import surgery
-from minisnip.checkpoint import CheckpointError, save_pretrained
+from minisnip.checkpoint import CheckpointError, save_pretrained, write_json
 from minisnip.config import ConfigError
 
 
@@ -252,7 +255,8 @@ def test_corrupt_pytorch_model_bin(hf_saved, damage):
         path.write_bytes(data[:len(data) // 2])
     elif damage == "garbage":
         path.write_bytes(b"\x80\x02}q\x00." + b"junk" * 10)
-    what = "expected a state dict" if damage == "not_a_state_dict" else "cannot read weights"
+    what = {"not_a_state_dict": "expected a state dict", "pickled_objects": "refused to unpickle"}.get(
+        damage, "cannot read weights")
     with pytest.raises(CheckpointError, match=f"pytorch_model.bin: {what}"):
         minisnip.BertModel.from_pretrained(hf_saved)
 
@@ -351,7 +355,8 @@ def test_sharded_safetensors(hf_saved):
     (hf_saved / "model.safetensors").unlink()
     _assert_same_model(reference, minisnip.BertModel.from_pretrained(hf_saved))
     (hf_saved / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="model.safetensors.index.json: cannot read weights"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors.index.json: field 'weight_map' names shard file\(s\) "
+                                              r"\['model-00002-of-00002.safetensors'\] that do not exist"):
         minisnip.BertModel.from_pretrained(hf_saved)
 
 
@@ -387,3 +392,159 @@ def test_hub_name_goes_through_snapshot_download(tmp_path, monkeypatch, tiny_fol
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
     with pytest.raises(FileNotFoundError, match="fetching 'someorg/tiny-bert' from the Hugging Face hub failed"):
         minisnip.BertModel.from_pretrained("someorg/tiny-bert")
+
+
+# --- refusals: bad index, unsafe pickle, non-finite JSON, unwritable paths -------------------------------------------
+def _tree(root) -> dict[str, bytes | None]:
+    """Every path under root (relative) with its bytes, None for folders: to show that nothing changed."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("index,named", [
+    ({"metadata": {}}, "got None"),
+    ({"weight_map": ["model-1.safetensors"]}, "got ['model-1.safetensors']"),
+    ({"weight_map": {}}, "got {}"),
+    ({"weight_map": {"embeddings.word_embeddings.weight": 3}}, "got 'embeddings.word_embeddings.weight': 3"),
+    ({"weight_map": {"pooler.dense.bias": "../elsewhere.safetensors"}}, "'../elsewhere.safetensors'"),
+    ({"weight_map": {"pooler.dense.bias": "model-9.safetensors"}}, "['model-9.safetensors'] that do not exist"),
+    ([1, 2], "got None"),
+])
+def test_sharded_index_with_bad_weight_map(hf_saved, index, named):
+    (hf_saved / "model.safetensors").unlink()
+    path = hf_saved / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    before = _tree(hf_saved)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: field 'weight_map' must ") + "|"
+                       + re.escape(f"{path}: field 'weight_map' names")) as e:
+        minisnip.BertModel.from_pretrained(hf_saved)
+    assert named in str(e.value) and "\n" not in str(e.value)
+    assert _tree(hf_saved) == before
+
+
+def test_sharded_index_not_json(hf_saved):
+    (hf_saved / "model.safetensors").unlink()
+    (hf_saved / "model.safetensors.index.json").write_text("{weight_map")
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not valid JSON"):
+        minisnip.BertModel.from_pretrained(hf_saved)
+
+
+class TrustedStateDict(dict):
+    """A custom container class, as old training scripts pickled: weights_only loading must refuse it."""
+
+
+def test_unsafe_pickle_is_refused_with_the_reason_and_a_safe_conversion(hf_saved):
+    reference = minisnip.BertModel.from_pretrained(hf_saved)
+    sd = load_file(str(hf_saved / "model.safetensors"))
+    (hf_saved / "model.safetensors").unlink()
+    path = hf_saved / "pytorch_model.bin"
+    torch.save(TrustedStateDict(sd), path)
+    before = _tree(hf_saved)
+    with pytest.raises(CheckpointError) as e:
+        minisnip.BertModel.from_pretrained(hf_saved)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: refused to unpickle") and "\n" not in msg
+    assert f"{TrustedStateDict.__qualname__} was not an allowed global" in msg  # torch's reason, not cut off
+    assert "could run arbitrary code" in msg and "Only if you trust its source" in msg
+    assert _tree(hf_saved) == before  # nothing written by the refusal
+    code = re.search(r'python -c "(.*)"$', msg).group(1)
+    assert "weights_only=False" in code and "st.save_file(" in code and str(hf_saved / "model.safetensors") in code
+    exec(code, {})  # the advice, followed by someone who trusts the file, gives a loadable checkpoint
+    _assert_same_model(reference, minisnip.BertModel.from_pretrained(hf_saved))
+
+
+def test_write_json_refuses_nan_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "runs" / "x" / "result.json"
+    write_json(path, {"scores": {"dev": {"pearson": 0.5}}})
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: value at scores.dev.pearson is nan; JSON has no NaN")):
+        write_json(path, {"task": "stsb", "scores": {"dev": {"accuracy": 1.0, "pearson": float("nan")}}})
+    with pytest.raises(ValueError, match=re.escape(f"{path}: value at losses[2] is -inf")):
+        write_json(path, {"losses": [1.0, 0.5, float("-inf")]})
+    with pytest.raises(ValueError, match=re.escape(f"{path}: value at (top level) is inf")):
+        write_json(path, float("inf"))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: value at rows[0].f1 is nan")):
+        write_json(path, {"rows": [{"f1": np.float64("nan")}]})  # a float subclass, as metrics return
+    assert _tree(tmp_path) == before
+    assert json.loads(path.read_text()) == {"scores": {"dev": {"pearson": 0.5}}}
+    with pytest.raises(ValueError, match="value at a is nan"):  # a fresh path: not even its folders are created
+        write_json(tmp_path / "new" / "deeper" / "r.json", {"a": float("nan")})
+    assert _tree(tmp_path) == before
+    write_json(path, {"n": None, "s": "nan", "x": 1e308})  # finite values and strings are fine
+    assert json.loads(path.read_text()) == {"n": None, "s": "nan", "x": 1e308}
+
+
+def test_write_json_to_unwritable_paths(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    before = _tree(tmp_path)
+    for target in (tmp_path / "afile" / "result.json", tmp_path / "afile" / "a" / "b" / "result.json"):
+        with pytest.raises(NotADirectoryError) as e:
+            write_json(target, {"a": 1})
+        assert str(e.value) == f"cannot write {target}: {tmp_path / 'afile'} exists and is not a folder"
+    with pytest.raises(IsADirectoryError, match=re.escape(f"cannot write {tmp_path / 'adir'}: it is a folder")):
+        write_json(tmp_path / "adir", {"a": 1})
+    assert _tree(tmp_path) == before
+
+
+def test_save_pretrained_to_unwritable_paths(tmp_path, tiny_model):
+    model = tiny_model()
+    (tmp_path / "afile").write_text("x")
+    before = _tree(tmp_path)
+    for target in (tmp_path / "afile" / "ckpt", tmp_path / "afile" / "a" / "ckpt"):
+        with pytest.raises(NotADirectoryError) as e:
+            model.save_pretrained(target)
+        assert str(e.value) == f"cannot write {target}: {tmp_path / 'afile'} exists and is not a folder"
+    with pytest.raises(FileExistsError, match="afile exists and is not a minisnip checkpoint folder"):
+        model.save_pretrained(tmp_path / "afile")
+    assert _tree(tmp_path) == before
+
+
+def test_failed_save_into_new_folders_removes_them(tmp_path, tiny_model):
+    model = tiny_model()
+    model.layers[1].ffn.down.weight = model.layers[0].ffn.down.weight  # tied: safetensors refuses shared tensors
+    with pytest.raises(Exception):
+        model.save_pretrained(tmp_path / "a" / "b" / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder(tmp_path, tiny_model):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    write_json(ro / "old.json", {"a": 1})
+    before = _tree(tmp_path)
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=re.escape(f"cannot write {ro / 'ckpt'}: ")):
+            tiny_model().save_pretrained(ro / "ckpt")
+        with pytest.raises(PermissionError, match=re.escape(f"cannot write {ro / 'old.json'}: ")):
+            write_json(ro / "old.json", {"a": 2})
+        with pytest.raises(PermissionError, match=re.escape(f"cannot write {ro / 'x' / 'r.json'}: ")):
+            write_json(ro / "x" / "r.json", {"a": 2})
+    finally:
+        ro.chmod(0o755)
+    assert _tree(tmp_path) == before
+
+
+def test_permission_denied_is_named_in_one_line(tmp_path, tiny_model, monkeypatch):
+    """What a read-only folder does for a non-root user, simulated (tests may run as root)."""
+    import errno
+
+    import minisnip.checkpoint as ckpt
+
+    write_json(tmp_path / "old.json", {"a": 1})
+    before = _tree(tmp_path)
+
+    def denied(prefix="", dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}xyz")
+
+    monkeypatch.setattr(ckpt.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", denied)
+    with pytest.raises(PermissionError) as e:
+        tiny_model().save_pretrained(tmp_path / "sub" / "ckpt")
+    assert str(e.value).startswith(f"cannot write {tmp_path / 'sub' / 'ckpt'}: [Errno 13] Permission denied")
+    assert e.value.errno == errno.EACCES and "\n" not in str(e.value)
+    old = tmp_path / "old.json"
+    with pytest.raises(PermissionError, match=re.escape(f"cannot write {old}: [Errno 13] Permission denied")):
+        write_json(old, {"a": 2})
+    assert _tree(tmp_path) == before  # the folder 'sub' made for the checkpoint is gone again

@@ -66,7 +66,8 @@ def test_messages_say_what_is_allowed(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("field 'classifier_dropout' must be null or a number in [0, 1), "
                                                     "got 1.5")):
         minisnip.BertConfig(**TINY_SIZES, classifier_dropout=1.5)
-    with pytest.raises(ConfigError, match=re.escape("field 'layer_norm_eps' must be a positive finite number, got nan")):
+    with pytest.raises(ConfigError, match=re.escape("field 'layer_norm_eps' must be a positive finite number, "
+                                                    "got nan")):
         minisnip.BertConfig.from_dict({**TINY_SIZES, "layer_norm_eps": NAN})
 
 
@@ -104,7 +105,8 @@ def test_good_values_are_accepted():
                             classifier_dropout=0.5, pad_token_id=999, initializer_range=0, layer_norm_eps=1)
     assert c.pad_token_id == 999 and c.classifier_dropout == 0.5
     assert minisnip.BertConfig(**TINY_SIZES, pad_token_id=None).pad_token_id is None  # no padding row
-    assert minisnip.BertConfig.from_dict(minisnip.BertConfig(**TINY_SIZES).to_dict()) == minisnip.BertConfig(**TINY_SIZES)
+    dense = minisnip.BertConfig(**TINY_SIZES)
+    assert minisnip.BertConfig.from_dict(dense.to_dict()) == dense
 
 
 def test_minilm_config_is_accepted(minilm_path):
