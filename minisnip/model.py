@@ -339,16 +339,25 @@ class BertModel(nn.Module):
         for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
             if t is not None and t.shape != input_ids.shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has shape {tuple(input_ids.shape)}")
+        if token_type_ids is not None and token_type_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"token_type_ids must be integer segment ids (torch.long or torch.int32), "
+                             f"got dtype {token_type_ids.dtype}")
+        if attention_mask is not None and (attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex):
+            raise ValueError(f"attention_mask must hold 1 (real token) / 0 (padding) as integers or booleans, "
+                             f"got dtype {attention_mask.dtype}")
         types = token_type_ids if token_type_ids is not None else input_ids.new_zeros(())
-        padded = (attention_mask == 0).any() if attention_mask is not None else input_ids.new_zeros((), dtype=torch.bool)
-        lo, hi, tlo, thi, has_padding = torch.stack([input_ids.min().long(), input_ids.max().long(), types.min().long(),
-                                                     types.max().long(), padded.long()]).tolist()
+        mask = attention_mask if attention_mask is not None else input_ids.new_ones(())
+        lo, hi, tlo, thi, mlo, mhi = torch.stack([input_ids.min().long(), input_ids.max().long(), types.min().long(),
+                                                  types.max().long(), mask.min().long(), mask.max().long()]).tolist()
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token id {hi if hi >= c.vocab_size else lo} is outside the vocabulary "
                              f"[0, {c.vocab_size}) of this model")
         if tlo < 0 or thi >= c.type_vocab_size:
             raise ValueError(f"token_type_ids must lie in [0, {c.type_vocab_size}), got values in [{tlo}, {thi}]")
-        return bool(has_padding)
+        if mlo < 0 or mhi > 1:
+            raise ValueError(f"attention_mask must hold only 1 (real token) and 0 (padding), "
+                             f"got values in [{mlo}, {mhi}]")
+        return mlo == 0  # some token is padding
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None,

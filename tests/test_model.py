@@ -338,7 +338,8 @@ def test_config_rejects_bad_values(tiny_config):
         tiny_config(num_hidden_layers=0)
     with pytest.raises(ConfigError, match="field 'hidden_act' must be one of .*, got 'swish'"):
         tiny_config(hidden_act="swish")
-    with pytest.raises(ConfigError, match=r"field 'layers\[1\]\.heads' must be increasing head indices in \[0, 4\), got \[0, 4\]"):
+    with pytest.raises(ConfigError, match=r"field 'layers\[1\]\.heads' must be increasing head indices in \[0, 4\), "
+                                          r"got \[0, 4\]"):
         tiny_config(layers=[{"heads": [0], "ffn_dim": 8}, {"heads": [0, 4], "ffn_dim": 8}])
     with pytest.raises(ConfigError, match=r"field 'layers\[0\]\.ffn_dim' must be in \[0, 128\], got 129"):
         tiny_config(layers=[{"heads": [0], "ffn_dim": 129}, {"heads": [0], "ffn_dim": 8}])
@@ -394,3 +395,46 @@ def test_other_bad_inputs(tiny):
         tiny(torch.ones(1, 5))
     with pytest.raises(ValueError, match=r"token_type_ids must lie in \[0, 2\), got values in \[0, 2\]"):
         tiny(torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.tensor([[0, 1, 2]]))
+
+
+def test_float_token_types_and_mask_are_refused_with_their_dtype(tiny):
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"token_type_ids must be integer segment ids \(torch.long or torch.int32\), "
+                                         r"got dtype torch.float32"):
+        tiny(ids, token_type_ids=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="token_type_ids must be integer segment ids .*, got dtype torch.bool"):
+        tiny(ids, token_type_ids=torch.zeros(2, 3, dtype=torch.bool))
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        with pytest.raises(ValueError, match=f"attention_mask must hold 1 .* integers or booleans, got dtype {dtype}"):
+            tiny(ids, attention_mask=torch.ones(2, 3, dtype=dtype))
+
+
+def test_attention_mask_values_other_than_0_and_1_are_refused(tiny):
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 1 \(real token\) and 0 \(padding\), "
+                                         r"got values in \[0, 2\]"):
+        tiny(ids, attention_mask=torch.tensor([[1, 2, 0], [1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"got values in \[-10000, 0\]"):  # an additive mask, cast to integers
+        tiny(ids, attention_mask=torch.tensor([[0, 0, -10000], [0, 0, 0]]))
+
+
+def test_integer_and_boolean_inputs_of_every_allowed_dtype_agree(tiny):
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask, types = torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([[0, 0, 1], [0, 1, 0]])
+    with torch.no_grad():
+        ref = tiny(ids, mask, types)
+        for m in (mask.bool(), mask.to(torch.uint8), mask.int()):
+            assert torch.equal(tiny(ids, m, types.int()), ref)
+        assert torch.equal(tiny(ids.int(), torch.ones_like(ids).bool()), tiny(ids))
+
+
+def test_check_inputs_reads_the_device_once(tiny, monkeypatch):
+    """All value checks share one read-back (one synchronisation on a GPU); see BertModel.check_inputs."""
+    reads = []
+    for name in ("tolist", "item", "__bool__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real, _n=name: reads.append(_n) or _real(self))
+    ids = torch.ones(2, 3, dtype=torch.long)
+    assert tiny.check_inputs(ids, torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.zeros_like(ids)) is True
+    assert tiny.check_inputs(ids, None, None) is False
+    assert reads == ["tolist", "tolist"]
