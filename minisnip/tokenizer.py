@@ -90,12 +90,18 @@ class Tokenizer:
         """Token ids and token types per example, truncated `longest_first` to max_length, not padded."""
         if isinstance(texts, str) or isinstance(pairs, str):
             raise TypeError("encode takes a list of texts (and of pair texts); wrap a single text in a list")
-        if pairs is not None and len(pairs) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts")
-        if not 2 < max_length <= self.max_length:
-            raise ValueError(f"max_length must be in [3, {self.max_length}], got {max_length}")
+        texts = _text_list(texts, "texts")
+        if pairs is not None:
+            pairs = _text_list(pairs, "pairs")
+            if len(pairs) != len(texts):
+                first = (f"texts[{len(pairs)}] has no pair text" if len(texts) > len(pairs)
+                         else f"pairs[{len(texts)}] has no text")
+                raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts: {first}; "
+                                 "texts and pairs must have the same length")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 < max_length <= self.max_length:
+            raise ValueError(f"max_length must be an integer in [3, {self.max_length}], got {max_length!r}")
         self.backend.enable_truncation(max_length, strategy="longest_first")
-        batch = list(texts) if pairs is None else list(zip(texts, pairs))
+        batch = texts if pairs is None else list(zip(texts, pairs))
         encodings = self.backend.encode_batch(batch)
         return [(e.ids, e.type_ids) for e in encodings]
 
@@ -124,6 +130,9 @@ class Tokenizer:
 
     def tokens(self, text: str, pair: str | None = None) -> list[str]:
         """The WordPiece tokens of one example, special tokens included (for teaching and debugging)."""
+        for name, t in (("text", text), ("pair", pair)):
+            if not isinstance(t, str) and (t is not None or name == "text"):
+                raise ValueError(f"{name} is {_describe(t)}; it must be a str")
         self.backend.no_truncation()
         return self.backend.encode(text, pair).tokens
 
@@ -133,6 +142,26 @@ class Tokenizer:
         self.backend.no_truncation()
         self.backend.save(str(folder / "tokenizer.json"))
         (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": self.max_length}) + "\n")
+
+
+def _text_list(values: Sequence[str], name: str) -> list[str]:
+    """`values` as a list, each checked to be a str; ValueError names the first position that is not."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of str, got {type(values).__name__}") from None
+    for i, t in enumerate(values):
+        if not isinstance(t, str):
+            raise ValueError(f"{name}[{i}] is {_describe(t)}; every text must be a str")
+    return values
+
+
+def _describe(v: object, n: int = 40) -> str:
+    """`None`, or the type and (clipped) repr of a value: `a float (nan)`."""
+    if v is None:
+        return "None"
+    r, kind = repr(v), type(v).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({r if len(r) <= n else r[:n] + '...'})"
 
 
 def load_tokenizer(path_or_name: str | Path) -> Tokenizer:

@@ -154,10 +154,48 @@ def test_bad_calls(minilm_path):
         tok([])
     with pytest.raises(ValueError, match="2 texts but 1 pair texts"):
         tok.encode(["a", "b"], ["c"])
-    with pytest.raises(ValueError, match=r"max_length must be in \[3, 512\], got 513"):
+    with pytest.raises(ValueError, match=r"max_length must be an integer in \[3, 512\], got 513"):
         tok.encode(["a"], max_length=513)
-    with pytest.raises(ValueError, match=r"max_length must be in \[3, 512\], got 2"):
+    with pytest.raises(ValueError, match=r"max_length must be an integer in \[3, 512\], got 2"):
         tok.encode(["a"], max_length=2)
+
+
+
+@pytest.mark.parametrize("texts,pairs,message", [
+    (["a", "b", "c", None], None, "texts[3] is None; every text must be a str"),
+    (["a", 5], None, "texts[1] is an int (5); every text must be a str"),
+    ([float("nan")], None, "texts[0] is a float (nan); every text must be a str"),
+    ([b"bytes"], None, "texts[0] is a bytes (b'bytes'); every text must be a str"),
+    (["a", "b"], ["c", None], "pairs[1] is None; every text must be a str"),
+    (["a", "b", "c"], ["x"], "3 texts but 1 pair texts: texts[1] has no pair text"),
+    (["a"], ["x", "y"], "1 texts but 2 pair texts: pairs[1] has no text"),
+    (["a"], None, None),
+])
+def test_bad_texts_are_named_by_position(minilm_path, texts, pairs, message):
+    tok = minisnip.load_tokenizer(minilm_path)
+    if message is None:
+        assert tok(texts, pairs)["input_ids"].shape[0] == len(texts)
+        return
+    with pytest.raises(ValueError) as e:
+        tok(texts, pairs)
+    assert str(e.value).startswith(message)
+
+
+def test_other_bad_arguments(minilm_path):
+    tok = minisnip.load_tokenizer(minilm_path)
+    with pytest.raises(TypeError, match="texts must be a list of str, got NoneType"):
+        tok.encode(None)
+    with pytest.raises(TypeError, match="pairs must be a list of str, got int"):
+        tok.encode(["a"], 3)
+    with pytest.raises(ValueError, match=r"max_length must be an integer in \[3, 512\], got 64.5"):
+        tok.encode(["a"], max_length=64.5)
+    with pytest.raises(ValueError, match=r"max_length must be an integer in \[3, 512\], got True"):
+        tok.encode(["a"], max_length=True)
+    with pytest.raises(ValueError, match="pair is an int \\(3\\); it must be a str"):
+        tok.tokens("a", 3)
+    with pytest.raises(ValueError, match="text is None; it must be a str"):
+        tok.tokens(None)
+    assert tok.encode(("a", "b"), (t for t in ["c", "d"])) == tok.encode(["a", "b"], ["c", "d"])  # any iterable
 
 
 def test_bad_folders(tmp_path, minilm_path):
