@@ -10,7 +10,8 @@ computes h = LN(x). Removing all neurons of a FFN removes the block: y = LN(h). 
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import operator
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -31,9 +32,41 @@ def encoder_of(model: nn.Module) -> BertModel:
     return enc
 
 
-def _check_layer(enc: BertModel, layer: int) -> None:
-    if not 0 <= layer < len(enc.layers):
-        raise PruningError(f"layer {layer} does not exist (the model has {len(enc.layers)} layers)")
+def _check_layer(enc: BertModel, layer: Any) -> int:
+    """`layer` as an int index of an existing layer; PruningError otherwise."""
+    i = _as_index(layer, "layer index")
+    if not 0 <= i < len(enc.layers):
+        raise PruningError(f"layer {i} does not exist (the model has {len(enc.layers)} layers)")
+    return i
+
+
+def _as_index(value: Any, what: str) -> int:
+    """An integral index: an int, a numpy integer or a one-element integer tensor (not a bool, float or str)."""
+    if not isinstance(value, bool) and not (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise PruningError(f"{what} {value!r} is not an integer; indices must be ints (or integer tensors)")
+
+
+def _index_list(values: Any, where: str, kind: str) -> list[int]:
+    """A collection of `kind` indices (a list, range, array or integer tensor) as a list of ints.
+
+    `where` starts every error message ("layer 3: "), which then names the offending value.
+    """
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise PruningError(f"{where}{kind} indices must be integers, got a tensor of dtype {values.dtype}")
+        return values.reshape(-1).tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise PruningError(f"{where}expected a list of {kind} indices, got {values!r}")
+    return [_as_index(v, f"{where}{kind} index") for v in values]
+
+
+def _check_mapping(request: Any, name: str) -> None:
+    if not isinstance(request, Mapping):
+        raise PruningError(f"{name} must be a mapping {{layer: indices}}, got {type(request).__name__}")
 
 
 def _sync_config(model: nn.Module) -> None:
@@ -57,15 +90,16 @@ def _refuse_empty(enc: BertModel, attention_gone: set[int], ffn_gone: set[int], 
 def prune_heads(model: nn.Module, heads: Mapping[int, Iterable[int]], allow_empty: bool = False) -> None:
     """Remove attention heads given as {layer: original head indices}; a layer losing all heads loses its block."""
     enc = encoder_of(model)
-    plan = {}
-    for layer, hs in heads.items():
-        _check_layer(enc, layer)
+    _check_mapping(heads, "heads")
+    plan: dict[int, set[int]] = {}
+    for key, hs in heads.items():  # the whole request is checked before anything changes
+        layer = _check_layer(enc, key)
         attn = enc.layers[layer].attention
-        hs = set(int(h) for h in hs)
+        hs = set(_index_list(hs, f"layer {layer}: ", "head"))
         present = set(attn.heads) if attn is not None else set()
         if not hs <= present:
             raise PruningError(f"layer {layer}: heads {sorted(hs - present)} are not present (present: {sorted(present)})")
-        plan[layer] = hs
+        plan[layer] = plan.get(layer, set()) | hs
     _refuse_empty(enc, {l for l, hs in plan.items() if hs and hs == set(enc.layers[l].attention.heads)}, set(),
                   allow_empty)
     _remove_heads(enc, plan)
@@ -88,12 +122,16 @@ def prune_ffn_neurons(model: nn.Module, neurons: Mapping[int, Iterable[int] | to
                       allow_empty: bool = False) -> None:
     """Remove FFN neurons given as {layer: current neuron indices}; a layer losing all of them loses its FFN."""
     enc = encoder_of(model)
-    plan = {}
-    for layer, ns in neurons.items():
-        _check_layer(enc, layer)
+    _check_mapping(neurons, "neurons")
+    plan: dict[int, torch.Tensor] = {}
+    for key, ns in neurons.items():  # the whole request is checked before anything changes
+        layer = _check_layer(enc, key)
         ffn = enc.layers[layer].ffn
         width = ffn.ffn_dim if ffn is not None else 0
-        ns = torch.as_tensor(list(ns) if not isinstance(ns, torch.Tensor) else ns, dtype=torch.long).unique()
+        ns = torch.tensor(_index_list(ns, f"layer {layer}: ", "neuron"), dtype=torch.long)
+        if layer in plan:
+            ns = torch.cat([plan[layer], ns])
+        ns = ns.unique()
         if ns.numel() and (int(ns.min()) < 0 or int(ns.max()) >= width):
             raise PruningError(f"layer {layer}: neuron indices must lie in [0, {width}), got {int(ns.min())}..{int(ns.max())}")
         plan[layer] = ns
@@ -120,9 +158,8 @@ def remove_blocks(model: nn.Module, attention: Iterable[int] = (), ffn: Iterable
                   allow_empty: bool = False) -> None:
     """Remove whole attention blocks and/or feed-forward blocks of the listed layers."""
     enc = encoder_of(model)
-    attention, ffn = list(attention), list(ffn)
-    for layer in attention + ffn:
-        _check_layer(enc, layer)
+    attention = [_check_layer(enc, layer) for layer in _index_list(attention, "attention: ", "layer")]
+    ffn = [_check_layer(enc, layer) for layer in _index_list(ffn, "ffn: ", "layer")]
 
     _refuse_empty(enc, set(attention), set(ffn), allow_empty)
     for layer in attention:

@@ -260,3 +260,57 @@ def test_empty_requests_change_nothing(tiny_model):
     surgery.remove_blocks(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and not model.config.is_pruned
+
+
+def _state(model) -> tuple:
+    return {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(model.config)
+
+
+def _same_state(model, state) -> bool:
+    sd, config = state
+    now = model.state_dict()
+    return now.keys() == sd.keys() and all(torch.equal(now[k], sd[k]) for k in sd) and model.config == config
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: surgery.prune_heads(m, {0: [0, 1], 1: [1.5]}), "layer 1: head index 1.5 is not an integer"),
+    (lambda m: surgery.prune_heads(m, {0: ["3"]}), "layer 0: head index '3' is not an integer"),
+    (lambda m: surgery.prune_heads(m, {0: [True]}), "layer 0: head index True is not an integer"),
+    (lambda m: surgery.prune_heads(m, {0: [torch.tensor(1.0)]}), "layer 0: head index tensor(1.) is not an integer"),
+    (lambda m: surgery.prune_heads(m, {0: torch.tensor([0.0, 1.0])}),
+     "layer 0: head indices must be integers, got a tensor of dtype torch.float32"),
+    (lambda m: surgery.prune_heads(m, {0: "01"}), "layer 0: expected a list of head indices, got '01'"),
+    (lambda m: surgery.prune_heads(m, {0: 3}), "layer 0: expected a list of head indices, got 3"),
+    (lambda m: surgery.prune_heads(m, {0: [0], "1": [0]}), "layer index '1' is not an integer"),
+    (lambda m: surgery.prune_heads(m, {0: [0], 1.0: [0]}), "layer index 1.0 is not an integer"),
+    (lambda m: surgery.prune_heads(m, {True: [0]}), "layer index True is not an integer"),
+    (lambda m: surgery.prune_heads(m, [0, 1]), "heads must be a mapping {layer: indices}, got list"),
+    (lambda m: surgery.prune_ffn_neurons(m, {0: [0, 1], 1: [2, 3.7]}), "layer 1: neuron index 3.7 is not an integer"),
+    (lambda m: surgery.prune_ffn_neurons(m, {0: torch.tensor([1.0, 2.0])}),
+     "layer 0: neuron indices must be integers, got a tensor of dtype torch.float32"),
+    (lambda m: surgery.prune_ffn_neurons(m, {0: torch.ones(128, dtype=torch.bool)}),
+     "layer 0: neuron indices must be integers, got a tensor of dtype torch.bool"),
+    (lambda m: surgery.prune_ffn_neurons(m, {0: [False, True]}), "layer 0: neuron index False is not an integer"),
+    (lambda m: surgery.prune_ffn_neurons(m, {"0": [1]}), "layer index '0' is not an integer"),
+    (lambda m: surgery.remove_blocks(m, attention=[0], ffn=[0.5]), "ffn: layer index 0.5 is not an integer"),
+    (lambda m: surgery.remove_blocks(m, attention=["1"]), "attention: layer index '1' is not an integer"),
+    (lambda m: surgery.remove_blocks(m, attention=1), "attention: expected a list of layer indices, got 1"),
+    (lambda m: surgery.remove_blocks(m, ffn=[True]), "ffn: layer index True is not an integer"),
+])
+def test_non_integer_indices_are_refused_before_anything_changes(tiny_model, call, message):
+    model = tiny_model()
+    state = _state(model)
+    with pytest.raises(PruningError) as e:
+        call(model)
+    assert str(e.value).startswith(message), str(e.value)
+    assert _same_state(model, state)
+
+
+def test_integral_tensors_and_numpy_integers_are_indices(tiny_model):
+    import numpy as np
+
+    model = tiny_model()
+    surgery.prune_heads(model, {torch.tensor(0): torch.tensor([1, 3]), np.int64(1): [np.int32(0), torch.tensor(2)]})
+    surgery.prune_ffn_neurons(model, {0: torch.arange(0, 10, dtype=torch.int32), 1: np.array([5, 7])})
+    surgery.remove_blocks(model, ffn=torch.tensor([1]))
+    assert [(s.heads, s.ffn_dim) for s in model.config.layers] == [([0, 2], 118), ([1, 3], 0)]
