@@ -206,7 +206,8 @@ def read_tsv(task: str | GlueTask, path: str | os.PathLike) -> dict[str, list]:
     """Parse one GLUE TSV file into columns {"text_a", ["text_b",] "label"} (plain lists).
 
     Lines are split on "\\n" only (a trailing "\\r" is dropped) and fields on tabs, with no
-    quoting. A UTF-8 byte-order mark before the header is skipped (MRPC has one).
+    quoting. A UTF-8 byte-order mark before the header is skipped (MRPC has one). A file with
+    CR-only (old Mac) line endings is refused: it would read as one enormous first line.
     """
     task = get_task(task)
     path = Path(path)
@@ -216,6 +217,9 @@ def read_tsv(task: str | GlueTask, path: str | os.PathLike) -> dict[str, list]:
         lines.pop()
     if not lines:
         raise GlueDataError(f"{path}: file is empty")
+    if b"\r" in lines[0][:-1]:  # a CR inside the first line, not the one ending a CRLF line
+        raise GlueDataError(f"{path}: uses CR-only (old Mac) line endings; convert to LF, e.g. "
+                            f"`tr '\\r' '\\n' < {path.name} > fixed.tsv`")
 
     def decode(raw: bytes, lineno: int) -> str:
         try:

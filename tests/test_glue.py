@@ -356,6 +356,26 @@ def test_quotes_crlf_and_bom(tmp_path):
     assert ds[0] == {"text_a": '"He said', "text_b": 'it\'s "fine""', "label": 0}
 
 
+@pytest.mark.parametrize("task,folder,text", [
+    ("rte", "RTE", NLI_HEADER + "0\tA.\tB.\tentailment\n1\tC.\tD.\tnot_entailment\n"),
+    ("cola", "CoLA", "src\t1\t\tA sentence.\nsrc\t0\t*\tBad sentence.\n"),  # no header
+])
+def test_cr_only_line_endings_are_named(tmp_path, task, folder, text):
+    path = _write(tmp_path, folder, "dev.tsv", text.replace("\n", "\r").encode())
+    before = path.read_bytes()
+    with pytest.raises(GlueDataError) as e:
+        read_tsv(task, path)
+    assert str(e.value) == (f"{path}: uses CR-only (old Mac) line endings; convert to LF, e.g. "
+                            "`tr '\\r' '\\n' < dev.tsv > fixed.tsv`")
+    with pytest.raises(GlueDataError, match="CR-only"):
+        load_split(task, "dev", tmp_path)
+    assert path.read_bytes() == before
+    path.write_bytes(before.replace(b"\r", b"\n"))  # the suggested conversion gives a readable file
+    assert len(read_tsv(task, path)["label"]) == 2
+    path.write_bytes(before.replace(b"\r", b"\r\n"))  # CRLF (Windows) stays fine
+    assert len(read_tsv(task, path)["label"]) == 2
+
+
 def test_invalid_utf8(tmp_path):
     _write(tmp_path, "SST-2", "dev.tsv", b"sentence\tlabel\nok\t1\nbad \xff byte\t0\n")
     with pytest.raises(GlueDataError, match="line 3: not valid UTF-8"):
