@@ -29,7 +29,9 @@ from pathlib import Path
 
 import minisnip
 from minisnip.finetune import environment, load_classifier, load_task_data
-from minisnip.snip.recipe import SnipConfig, dev_scores, recover, threshold_and_remove, train_with_prior
+from minisnip.pruning.recipe import PruneConfig, dev_scores, finetune_with, recover, remove
+from minisnip.snip import method as snip_method
+from minisnip.snip.method import Config as SnipConfig
 from minisnip.pruning.compression import COMPRESSION_DEFINITION, compression
 from minisnip.train import TrainConfig, set_seed
 
@@ -52,11 +54,11 @@ def run_cell(task: str, seed: int, family: str, args, done: set, sink) -> None:
     set_seed(seed)
     model = load_classifier(model_path, data.task)
     dense_config = copy.deepcopy(model.config)
-    train_method = {"plain": "snip-no-prior", "prior": "snip-no-sn", "prior+sn": "snip"}[family]
-    base_cfg = SnipConfig(method=train_method, target=0.5, prior_lambda=args.prior_lambda,
-                          prior_warmup=args.prior_warmup, recovery_epochs=args.recovery_epochs)
+    prior, sn = {"plain": (False, False), "prior": (True, False), "prior+sn": (True, True)}[family]
+    snip_cfg = SnipConfig(prior=prior, spectral_norm=sn, prior_lambda=args.prior_lambda, prior_warmup=args.prior_warmup)
+    base_cfg = PruneConfig(target=0.5, recovery_epochs=args.recovery_epochs)
     t0 = time.perf_counter()
-    history = train_with_prior(model, tokenizer, data, base_cfg, train_cfg)
+    history, _ = finetune_with(model, tokenizer, data, snip_method, snip_cfg, base_cfg, train_cfg)
     finetune_seconds = time.perf_counter() - t0
     finetuned = history.best_metrics  # the model holds the best epoch's weights: no second evaluation
     split, metric = next(iter(data.dev)), data.task.main_metric
@@ -68,8 +70,8 @@ def run_cell(task: str, seed: int, family: str, args, done: set, sink) -> None:
             record.update(compression=0.0, before_recovery=finetuned[split][metric], score=finetuned[split][metric])
         else:
             pruned = copy.deepcopy(model)
-            cfg = replace(base_cfg, method=method, target=target)
-            outcome = threshold_and_remove(pruned, tokenizer, data, cfg, train_cfg)
+            cfg = replace(base_cfg, target=target)
+            outcome = remove(pruned, tokenizer, data, snip_method, [], cfg, train_cfg, dense_config)
             before = dev_scores(pruned, tokenizer, data)[split][metric]
             after = recover(pruned, tokenizer, data, cfg, train_cfg).best_metrics[split][metric] \
                 if cfg.recovery_epochs else before
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--prior-lambda", type=float, default=SnipConfig.prior_lambda)
-    p.add_argument("--prior-warmup", type=float, default=SnipConfig.prior_warmup)
+    p.add_argument("--prior-lambda", type=float, default=SnipConfig().prior_lambda)
+    p.add_argument("--prior-warmup", type=float, default=SnipConfig().prior_warmup)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=Path("bench/results/snip_grid"))
     args = p.parse_args(argv)

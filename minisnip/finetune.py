@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,12 +21,9 @@ from .checkpoint import default_model_path, write_json
 from .data import Encoded, encode_dataset
 from .glue import GLUE_DIR_ENV, GlueTask, get_task, load_split
 from .model import BertForSequenceClassification
+from .rundir import RunDir
 from .tokenizer import Tokenizer, load_tokenizer
 from .train import History, TrainConfig, fit, set_seed
-
-
-class RunDirError(FileExistsError):
-    """The output directory already holds a run; pass overwrite=True (--overwrite) to replace it."""
 
 
 @dataclass
@@ -59,23 +55,46 @@ def load_task_data(task: str | GlueTask, tokenizer: Tokenizer, glue_dir: str | P
                     info=info)
 
 
-def prepare_run_dir(out: str | Path, overwrite: bool) -> Path:
-    """Create `out`, refusing one that already holds something unless `overwrite` (then it is emptied)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            held = "a run" if (out / "result.json").exists() or (out / "summary.json").exists() else "files"
-            raise RunDirError(f"{out} already holds {held}; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def load_classifier(model_path: str | Path, task: GlueTask) -> BertForSequenceClassification:
     """A sequence classifier for `task` from a BERT folder (a new head unless the folder's head fits)."""
     overrides = {"num_labels": task.num_labels,
                  "problem_type": "regression" if task.is_regression else "single_label_classification"}
     return BertForSequenceClassification.from_pretrained(model_path, **overrides)
+
+
+def load_trained_classifier(model_path: str | Path, task: GlueTask,
+                            allow_untrained: bool = False) -> BertForSequenceClassification:
+    """A fine-tuned classifier for `task`, refusing one whose head was not trained for it (unless allowed).
+
+    Refused: a folder without classifier weights (a pre-trained BERT: its head would be random), a head with
+    another label count or problem type, and a minisnip run (result.json beside the checkpoint) of another task.
+    """
+    from .checkpoint import read_state_dict, resolve_folder
+    folder = resolve_folder(model_path)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    problems = []
+    sd, weights = read_state_dict(folder)
+    head = [k for k in sd if k.removeprefix("bert.").startswith("classifier.")]
+    del sd
+    if not head:
+        problems.append(f"{weights} holds no classifier weights (a pre-trained model, not one fine-tuned on a task)")
+    else:
+        labels = config.get("num_labels", len(config.get("id2label", {})) or 2)
+        if labels != task.num_labels:
+            problems.append(f"its head has {labels} output(s) but {task.display} needs {task.num_labels}")
+        regression = config.get("problem_type") == "regression" or labels == 1
+        if regression != task.is_regression:
+            problems.append(f"its head is {'a regression' if regression else 'a classification'} head but "
+                            f"{task.display} is {'regression' if task.is_regression else 'classification'}")
+    run = folder.parent / "result.json"
+    if run.is_file():
+        trained = json.loads(run.read_text(encoding="utf-8")).get("task")
+        if trained is not None and trained != task.name:
+            problems.append(f"{run} says it was fine-tuned on {get_task(trained).display}, not {task.display}")
+    if problems and not allow_untrained:
+        raise ValueError(f"{folder}: its classifier head was not trained for {task.display}: " + "; ".join(problems)
+                         + " (pass --allow-untrained-head to evaluate it anyway)")
+    return BertForSequenceClassification.from_pretrained(folder) if not problems else load_classifier(folder, task)
 
 
 def short_name(model: str | Path) -> str:
@@ -91,23 +110,37 @@ def environment() -> dict:
 
 def run_finetune(task: str, out: str | Path, model_path: str | Path | None = None, glue_dir: str | Path | None = None,
                  cfg: TrainConfig | None = None, max_train: int | None = None, overwrite: bool = False,
-                 source: str = "auto", data: TaskData | None = None) -> dict:
-    """Fine-tune one seed; write `out/result.json` and `out/best/`; return the result dict."""
+                 source: str = "auto") -> dict:
+    """Fine-tune one seed; write `out/result.json` and `out/best/`; return the result dict.
+
+    Nothing on disk changes until `out`, the data and the model are checked (`minisnip.rundir`)."""
     cfg = cfg or TrainConfig()
-    out = prepare_run_dir(out, overwrite)
     model_path = Path(model_path) if model_path is not None else default_model_path()
+    run = RunDir(out, overwrite, inputs={"--model": model_path, "--glue-dir": glue_dir})
     tokenizer = load_tokenizer(model_path)
-    data = data or load_task_data(task, tokenizer, glue_dir, max_train, seed=cfg.seed,
-                                  max_length=cfg.max_length, source=source)
-    set_seed(cfg.seed)  # the new classifier head is drawn from this seed
-    model = load_classifier(model_path, data.task)
+    data = load_task_data(task, tokenizer, glue_dir, max_train, seed=cfg.seed, max_length=cfg.max_length,
+                          source=source)
+    model = new_classifier(model_path, data.task, cfg.seed)
+    with run.writing() as work:
+        return finetune_into(work, model, tokenizer, data, cfg, model_path)
+
+
+def new_classifier(model_path: Path, task: GlueTask, seed: int) -> BertForSequenceClassification:
+    """The model to fine-tune: the folder's encoder and a classifier head for `task` drawn from `seed`."""
+    set_seed(seed)
+    return load_classifier(model_path, task)
+
+
+def finetune_into(folder: Path, model: BertForSequenceClassification, tokenizer: Tokenizer, data: TaskData,
+                  cfg: TrainConfig, model_path: Path) -> dict:
+    """Fine-tune `model`, writing result.json (status first "running", then how it ended) and best/ into `folder`."""
     result = {"status": "running", "task": data.task.name, "model": str(model_path), "data": data.info,
               "hparams": asdict(cfg), "seed": cfg.seed, "environment": environment()}
-    write_json(out / "result.json", result)
+    write_json(folder / "result.json", result)
     t0 = time.perf_counter()
     history: History | None = None
     try:
-        history = fit(model, tokenizer, data.task, data.train, data.dev, cfg, out_dir=out)
+        history = fit(model, tokenizer, data.task, data.train, data.dev, cfg, out_dir=folder)
         result["status"] = "completed"
     except KeyboardInterrupt:
         result["status"] = "interrupted"
@@ -119,8 +152,19 @@ def run_finetune(task: str, out: str | Path, model_path: str | Path | None = Non
         result["wall_seconds"] = time.perf_counter() - t0
         if history is not None:
             result.update(history.to_dict())
-        write_json(out / "result.json", result)
+        write_json(folder / "result.json", result)
     return result
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """Seeds of a multi-seed run: at least one, each once (a repeated seed would report a false ± 0)."""
+    if not seeds:
+        raise ValueError("seeds must list at least one seed")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"--seeds lists {', '.join(map(str, repeated))} more than once; each seed must be different "
+                         "(the same seed repeats the same run and would report a spread of 0)")
+    return list(seeds)
 
 
 def run_seeds(task: str, out: str | Path, seeds: list[int], model_path: str | Path | None = None,
@@ -131,23 +175,25 @@ def run_seeds(task: str, out: str | Path, seeds: list[int], model_path: str | Pa
     The seed sets initialisation of the head, dropout and data order; the train subset (`max_train`) is
     drawn with the first seed so that all seeds see the same examples.
     """
-    if not seeds:
-        raise ValueError("seeds must list at least one seed")
+    seeds = check_seeds(seeds)
     cfg = cfg or TrainConfig()
-    out = prepare_run_dir(out, overwrite)
     model_path = Path(model_path) if model_path is not None else default_model_path()
+    run = RunDir(out, overwrite, inputs={"--model": model_path, "--glue-dir": glue_dir})
     tokenizer = load_tokenizer(model_path)
     data = load_task_data(task, tokenizer, glue_dir, max_train, seed=seeds[0], max_length=cfg.max_length,
                           source=source)
-    runs = []
-    for seed in seeds:
-        seed_cfg = TrainConfig(**{**asdict(cfg), "seed": seed})
-        runs.append(run_finetune(task, out / f"seed-{seed}", model_path, glue_dir, seed_cfg, max_train,
-                                 overwrite=True, source=source, data=data))
-    summary = {"task": data.task.name, "model": str(model_path), "seeds": seeds, "data": data.info,
-               "hparams": asdict(cfg), "metrics": summarize([r["best_metrics"] for r in runs]),
-               "runs": [f"seed-{s}/result.json" for s in seeds]}
-    write_json(out / "summary.json", summary)
+    first = new_classifier(model_path, data.task, seeds[0])  # the model is checked before anything is written
+    with run.writing() as work:
+        runs = []
+        for seed in seeds:
+            model = first if seed == seeds[0] else new_classifier(model_path, data.task, seed)
+            seed_dir = work / f"seed-{seed}"
+            seed_dir.mkdir()
+            runs.append(finetune_into(seed_dir, model, tokenizer, data, replace(cfg, seed=seed), model_path))
+        summary = {"task": data.task.name, "model": str(model_path), "seeds": seeds, "data": data.info,
+                   "hparams": asdict(cfg), "metrics": summarize([r["best_metrics"] for r in runs]),
+                   "runs": [f"seed-{s}/result.json" for s in seeds]}
+        write_json(work / "summary.json", summary)
     return summary
 
 

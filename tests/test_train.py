@@ -10,7 +10,8 @@ import torch
 import minisnip
 from minisnip.__main__ import main
 from minisnip.data import length_bucketed_batches, sorted_batches
-from minisnip.finetune import RunDirError, load_classifier, load_task_data, run_finetune, run_seeds, summarize
+from minisnip.finetune import load_classifier, load_task_data, run_finetune, run_seeds, summarize
+from minisnip.rundir import RunDirError
 from minisnip.glue import get_task
 from minisnip.train import TrainConfig, TrainHook, TrainingDiverged, fit, make_optimizer
 

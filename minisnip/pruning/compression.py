@@ -9,6 +9,8 @@ same definition counts the zero weights of those matrices as removed (`sparsity`
 
 from __future__ import annotations
 
+from typing import Iterator
+
 from torch import nn
 
 from ..config import BertConfig
@@ -19,18 +21,18 @@ COMPRESSION_DEFINITION = ("share of encoder linear-layer weights removed (embedd
 
 # --- counting ----------------------------------------------------------------------------------------------
 
-def encoder_linear_params(model: nn.Module) -> int:
-    """Weights + biases of QKV, attention output, FFN up and down of every present branch of the encoder.
+def encoder_linears(model: nn.Module) -> Iterator[nn.Linear]:
+    """QKV, attention output, FFN up and down of every present branch of the encoder: what compression counts."""
+    for layer in encoder_of(model).layers:
+        if layer.attention is not None:
+            yield from (layer.attention.qkv, layer.attention.out)
+        if layer.ffn is not None:
+            yield from (layer.ffn.up, layer.ffn.down)
 
-    Embeddings, LayerNorms, pooler and classifier are excluded.
-    """
-    enc = encoder_of(model)
-    total = 0
-    for layer in enc.layers:
-        for mod in ((layer.attention.qkv, layer.attention.out) if layer.attention is not None else ()) + \
-                   ((layer.ffn.up, layer.ffn.down) if layer.ffn is not None else ()):
-            total += mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0)
-    return total
+
+def encoder_linear_params(model: nn.Module) -> int:
+    """Weights + biases of `encoder_linears`; embeddings, LayerNorms, pooler and classifier are excluded."""
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in encoder_linears(model))
 
 
 def dense_encoder_linear_params(config: BertConfig) -> int:
@@ -50,4 +52,19 @@ def compression(model: nn.Module, dense_config: BertConfig | None = None) -> flo
     return 1.0 - encoder_linear_params(model) / dense_encoder_linear_params(config)
 
 
-__all__ = ["COMPRESSION_DEFINITION", "compression", "dense_encoder_linear_params", "encoder_linear_params"]
+
+def nonzero_encoder_linear_params(model: nn.Module) -> int:
+    """`encoder_linear_params` counting only the entries that are not exactly zero."""
+    return sum(int(m.weight.count_nonzero()) + (int(m.bias.count_nonzero()) if m.bias is not None else 0)
+               for m in encoder_linears(model))
+
+
+def sparsity(model: nn.Module, dense_config: BertConfig | None = None) -> float:
+    """Compression of an unstructured result: the same definition, with zero entries counted as removed,
+    = 1 - nonzero_encoder_linear_params(model) / dense_encoder_linear_params(dense_config)."""
+    config = dense_config if dense_config is not None else encoder_of(model).config
+    return 1.0 - nonzero_encoder_linear_params(model) / dense_encoder_linear_params(config)
+
+
+__all__ = ["COMPRESSION_DEFINITION", "compression", "dense_encoder_linear_params", "encoder_linear_params", "encoder_linears",
+           "nonzero_encoder_linear_params", "sparsity"]

@@ -1,4 +1,4 @@
-"""The SNIP recipe end to end: prior (+ SN) fine-tuning, thresholding, physical removal, recovery, outputs."""
+"""The shared recipe end to end with SNIP: prior (+ SN) fine-tuning, thresholding, physical removal, recovery, outputs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import minisnip
-from minisnip.__main__ import main
+from minisnip.__main__ import METHODS, main
 from minisnip.finetune import load_task_data
-from minisnip.snip.recipe import SnipConfig, prior_penalty, run_prune
+from minisnip.pruning.recipe import PruneConfig, run_prune
+from minisnip.snip.method import Config as SnipConfig
+from minisnip.snip.prior import PriorPenalty
 from minisnip.train import TrainConfig, evaluate
 
 
@@ -18,21 +20,27 @@ def quick(**kw) -> TrainConfig:
     return TrainConfig(**{"epochs": 2, "batch_size": 4, "lr": 1e-3, "max_length": 32, "progress": False, **kw})
 
 
+def prune(task, out, name, cfg: PruneConfig, *args, **kwargs):
+    """run_prune with the method and Config the command line gives `name`."""
+    module, overrides = METHODS[name]
+    return run_prune(task, out, name, module, module.Config(**overrides), cfg, *args, **kwargs)
+
+
 @pytest.mark.parametrize("method", ["snip", "snip-no-sn", "snip-no-prior"])
 def test_prune_reaches_target_and_writes_everything(tiny_folder, glue_fixtures_dir, tmp_path, method):
     out = tmp_path / method
-    result = run_prune("mrpc", out, SnipConfig(method=method, target=0.5), tiny_folder, glue_fixtures_dir, quick())
+    result = prune("mrpc", out, method, PruneConfig(target=0.5), tiny_folder, glue_fixtures_dir, quick())
     assert 0.5 <= result["compression"] < 0.5 + 0.1  # overshoot below one branch (a head: ~10% of this model)
     assert "embeddings and classifier excluded" in result["compression_definition"]
     pruning = json.loads((out / "pruning.json").read_text())
     branches = pruning["branches"]
-    assert pruning["removed"] and {b["name"] for b in branches} == set(pruning["norms"])
+    assert pruning["removed"] and {b["name"] for b in branches} == set(pruning["scores"])
     # thresholding: every removed branch had a norm no larger than every kept one
     removed = [b for b in branches if b["removed"]]
     kept = [b for b in branches if not b["removed"]]
     assert removed and kept
-    assert max(b["norm"] for b in removed) <= min(b["norm"] for b in kept)
-    assert pruning["tau_effective"] == pytest.approx(max(b["norm"] for b in removed))
+    assert max(b["score"] for b in removed) <= min(b["score"] for b in kept)
+    assert pruning["tau_effective"] == pytest.approx(max(b["score"] for b in removed))
     # the removed parameters are what the compression says
     assert sum(b["params"] for b in removed) <= pruning["report"]["params_before"] - pruning["report"]["params_after"]
     # the saved pruned model has the smaller shapes and reproduces the final score
@@ -45,22 +53,21 @@ def test_prune_reaches_target_and_writes_everything(tiny_folder, glue_fixtures_d
     assert result["scores"]["finetuned"] and result["scores"]["pruned_before_recovery"]
 
 
-def test_dense_method_prunes_nothing(tiny_folder, glue_fixtures_dir, tmp_path):
-    result = run_prune("rte", tmp_path / "d", SnipConfig(method="dense", target=None), tiny_folder,
-                       glue_fixtures_dir, quick(epochs=1), plots=False)
+def test_no_target_prunes_nothing(tiny_folder, glue_fixtures_dir, tmp_path):
+    result = prune("rte", tmp_path / "d", "snip-no-prior", PruneConfig(target=None), tiny_folder,
+                   glue_fixtures_dir, quick(epochs=1), plots=False)
     assert result["compression"] == 0.0 and result["score"] == result["dense_score"]
 
 
 def test_threshold_mode_removes_exactly_the_branches_below_tau(tiny_folder, glue_fixtures_dir, tmp_path):
-    probe = run_prune("rte", tmp_path / "probe", SnipConfig(method="snip-no-prior", target=0.3, recovery_epochs=0),
-                      tiny_folder, glue_fixtures_dir, quick(epochs=1), plots=False)
-    norms = json.loads((tmp_path / "probe" / "pruning.json").read_text())["norms"]
+    probe = prune("rte", tmp_path / "probe", "snip-no-prior", PruneConfig(target=0.3, recovery_epochs=0),
+                  tiny_folder, glue_fixtures_dir, quick(epochs=1), plots=False)
+    norms = json.loads((tmp_path / "probe" / "pruning.json").read_text())["scores"]
     tau = sorted(norms.values())[3] + 1e-9  # the four smallest go
-    run_prune("rte", tmp_path / "tau", SnipConfig(method="snip-no-prior", target=None, threshold=tau,
-                                                  recovery_epochs=0), tiny_folder, glue_fixtures_dir,
-              quick(epochs=1), plots=False)
+    prune("rte", tmp_path / "tau", "snip-no-prior", PruneConfig(target=None, threshold=tau, recovery_epochs=0),
+          tiny_folder, glue_fixtures_dir, quick(epochs=1), plots=False)
     again = json.loads((tmp_path / "tau" / "pruning.json").read_text())
-    assert again["norms"] == pytest.approx(norms)  # same seed, same fine-tuning: same norms
+    assert again["scores"] == pytest.approx(norms)  # same seed, same fine-tuning: same norms
     below = {n for n, v in norms.items() if v < tau}
     assert set(again["report"]["removed"]) <= below | {f"layer{i}.{b}" for i in range(2) for b in ("attention", "ffn")}
     assert len(below) == 4 and probe["compression"] >= 0.3
@@ -72,23 +79,34 @@ def test_prior_penalty_is_lambda_times_the_prior(tiny_folder):
     traces: list = []
     model(ids, trace=traces)
     from minisnip.snip import identity_prior
-    cfg = SnipConfig(prior_lambda=0.25)
-    expected = 0.25 * identity_prior(model, traces, None, cfg.kinds, cfg.prior_weights, 16)
-    assert prior_penalty(cfg, 16)(model, traces, None).item() == pytest.approx(expected.item())
-    # with a warm-up over 3 of 10 steps, λ_t = λ/4, λ/2, 3λ/4, then λ for good
-    warm = prior_penalty(SnipConfig(prior_lambda=0.25, prior_warmup=0.3), 16, total_steps=10)
+    kinds = PruneConfig().kinds
+    expected = 0.25 * identity_prior(model, traces, None, kinds, "params", 16)
+    assert PriorPenalty(0.25, kinds, 16, "params")(model, traces, None).item() == pytest.approx(expected.item())
+    # with a warm-up over 3 steps, λ_t = λ/4, λ/2, 3λ/4, then λ for good
+    warm = PriorPenalty(0.25, kinds, 16, "params", warmup_steps=3)
     values = [warm(model, traces, None).item() / expected.item() for _ in range(5)]
     assert values == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert warm.step == 5
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(target=0.0), "target"), (dict(target=1.0), "target"), (dict(target=None), "exactly one"),
-    (dict(target=0.5, threshold=0.1), "exactly one"), (dict(method="magic"), "method"),
-    (dict(prior_lambda=-1.0), "prior_lambda"), (dict(prior_warmup=1.5), "prior_warmup"),
-    (dict(prior_warmup=-0.1), "prior_warmup"),
+    (dict(target=0.0), "target"), (dict(target=1.0), "target"), (dict(target=float("nan")), "target"),
+    (dict(target=0.5, threshold=0.1), "at most one"), (dict(target=None, threshold=float("nan")), "threshold"),
+    (dict(target=None, threshold=-1.0), "threshold"), (dict(neuron_group_size=0), "neuron_group_size"),
+    (dict(kinds=("head",), neuron_group_size=8), "neurons"), (dict(kinds=("magic",)), "kinds"),
+    (dict(recovery_epochs=-1), "recovery_epochs"), (dict(calibration_examples=0), "calibration_examples"),
 ])
 def test_bad_recipe_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prior_lambda=-1.0), "prior_lambda"), (dict(prior_lambda=float("nan")), "prior_lambda"),
+    (dict(prior_warmup=1.5), "prior_warmup"), (dict(prior_warmup=-0.1), "prior_warmup"),
+    (dict(sn_bound="abc"), "sn_bound"), (dict(sn_bound=0.0), "sn_bound"), (dict(prior_weights="size"), "prior_weights"),
+])
+def test_bad_snip_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SnipConfig(**kwargs)
 
@@ -101,6 +119,7 @@ def test_cli_prune(tiny_folder, glue_fixtures_dir, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "compression" in printed and "pruned + recovery" in printed
-    assert main(["prune", "--target", "1.5", "--task", "sst2", "--glue-dir", str(glue_fixtures_dir),
-                 "--out", str(tmp_path / "bad")]) == 2
-    assert "target" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main(["prune", "--target", "1.5", "--task", "sst2", "--glue-dir", str(glue_fixtures_dir),
+              "--out", str(tmp_path / "bad")])
+    assert exit.value.code == 2 and "--target" in capsys.readouterr().err and not (tmp_path / "bad").exists()

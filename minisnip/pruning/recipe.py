@@ -1,0 +1,312 @@
+"""The pruning recipe every method shares: fine-tune with the method's terms -> score -> select -> remove -> recover.
+
+    1. hooks = method.training_hooks(model, ...)       the method's training terms, parameters, schedules
+       fit(model, ..., hooks)                          (+ distillation from a teacher, for any method)
+    2. method.before_removal(model, hooks)             take the method's additions off (SN, gates, masks)
+    3. structured methods: scores = method.scores(...)  -> select_for_target / select_below_threshold
+       (or method.select(...) where selection is not one sort), then physical removal (removal.py);
+       unstructured methods: the zeros are already in the weights
+    4. recovery fine-tuning of the pruned model (zeros kept in place for unstructured methods)
+
+A method is a plain module (`minisnip.snip.method`, `minisnip.methods.*`) with STRUCTURED, USES_DISTILLATION,
+DESCRIPTION, a `Config` dataclass and the functions above. The command line maps names to modules in one
+literal dict (`minisnip.__main__.METHODS`). `run_prune` writes result.json, pruning.json, pruned/ and plots
+through `minisnip.rundir.RunDir`: nothing on disk changes until every input is checked.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+from torch import nn
+
+from ..checkpoint import default_model_path, save_pretrained, write_json
+from ..config import BertConfig
+from ..data import Encoded, iterate, length_bucketed_batches
+from ..finetune import TaskData, environment, load_task_data, new_classifier, short_name
+from ..rundir import RunDir
+from ..surgery import PruningError
+from ..tokenizer import Tokenizer, load_tokenizer
+from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit
+from .branches import check_kinds, default_group_size, list_branches
+from .compression import COMPRESSION_DEFINITION, encoder_linears, sparsity
+from .removal import apply_pruning
+from .select import select_below_threshold, select_for_target
+
+
+@dataclass
+class PruneConfig:
+    """The recipe's choices, shared by every method (the method's own are in its `Config`).
+
+    No target and no threshold: fine-tune with the method's terms and prune nothing (the dense reference).
+    """
+
+    target: float | None = 0.5  # compression to reach: share of encoder linear-layer weights removed
+    threshold: float | None = None  # alternatively (structured methods): remove every branch with score < threshold
+    kinds: tuple[str, ...] = ("head", "neurons")  # the branches a structured method scores and removes
+    neuron_group_size: int | None = None  # FFN neurons per branch; None: 2 * head_dim
+    per_param: bool = False  # rank branches by score / params instead of score
+    calibration_examples: int = 512  # training examples on which scores are measured
+    recovery_epochs: int = 1  # fine-tuning epochs after removal
+    allow_empty: bool = False  # allow a selection that removes every attention and feed-forward block
+
+    def __post_init__(self) -> None:
+        if self.target is not None and self.threshold is not None:
+            raise ValueError("give at most one of target (a compression in (0, 1)) and threshold (τ ≥ 0)")
+        if self.target is not None and not (_is_number(self.target) and 0 < self.target < 1):
+            raise ValueError(f"target compression must lie in (0, 1), got {self.target!r}")
+        if self.threshold is not None and not (_is_number(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"threshold must be a finite number ≥ 0, got {self.threshold!r}")
+        self.kinds = check_kinds(self.kinds, 1 if "neurons" in self.kinds else None)
+        if self.neuron_group_size is not None:
+            if not (isinstance(self.neuron_group_size, int) and not isinstance(self.neuron_group_size, bool)
+                    and self.neuron_group_size >= 1):
+                raise ValueError(f"neuron_group_size must be an integer ≥ 1, got {self.neuron_group_size!r}")
+            if "neurons" not in self.kinds:
+                raise ValueError(f"neuron_group_size={self.neuron_group_size} is set but 'neurons' is not among "
+                                 f"kinds {self.kinds}")
+        for name in ("calibration_examples", "recovery_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "calibration_examples" else 0):
+                raise ValueError(f"{name} must be an integer ≥ {1 if name == 'calibration_examples' else 0}, got {value!r}")
+
+    @property
+    def prunes(self) -> bool:
+        return self.target is not None or self.threshold is not None
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_method(method: ModuleType, cfg: PruneConfig) -> None:
+    """Refuse a combination the method cannot do, before any training."""
+    if not method.STRUCTURED and cfg.threshold is not None:
+        raise ValueError(f"{method.__name__}: an unstructured method reaches a target sparsity; --threshold is for "
+                         "structured methods (it thresholds branch scores)")
+    if not method.STRUCTURED and cfg.kinds != PruneConfig.kinds:
+        raise ValueError(f"{method.__name__}: branch kinds apply to structured methods only")
+
+
+def calibration_batches(data: Encoded, tokenizer: Tokenizer, n: int, batch_size: int, seed: int) -> list[dict]:
+    """Up to n training examples, batched, for measuring branch scores."""
+    batches = length_bucketed_batches(data.lengths, batch_size, seed)
+    out, taken = [], 0
+    for _, batch in iterate(data, batches, tokenizer):
+        if taken >= n:
+            break
+        out.append(batch)
+        taken += batch["input_ids"].shape[0]
+    return out
+
+
+def dev_scores(model: nn.Module, tokenizer: Tokenizer, data: TaskData, batch_size: int = 128) -> dict:
+    """The task's metrics on every dev split of `data`."""
+    return {k: evaluate(model, d, data.task, tokenizer, batch_size) for k, d in data.dev.items()}
+
+
+class KeepZeros(TrainHook):
+    """Recovery of an unstructured result: the weights that are zero at the start stay zero after every step."""
+
+    def __init__(self, model: nn.Module):
+        self.linears = list(encoder_linears(model))
+        self.masks = [(m.weight != 0) for m in self.linears]
+
+    def after_step(self, ctx: StepContext) -> None:
+        for m, keep in zip(self.linears, self.masks):
+            m.weight.mul_(keep.to(m.weight.device))
+
+
+@dataclass
+class PruneOutcome:
+    """What `prune` did: the scores, which branches went, and the dev scores along the way."""
+
+    scores: dict[str, float]
+    removed: list[str]
+    branches: list[dict]  # every candidate branch: name, kind, layer, params, score, removed
+    report: dict
+    tau: float | None
+    dev: dict = field(default_factory=dict)
+
+
+def group_size_of(model: nn.Module, cfg: PruneConfig) -> int:
+    return cfg.neuron_group_size or default_group_size(model)
+
+
+def select_and_remove(model: nn.Module, method: ModuleType, hooks: list[TrainHook], calib: list[dict],
+                      cfg: PruneConfig) -> PruneOutcome:
+    """Steps 3 of a structured method: score the branches, select by target or threshold, remove physically."""
+    group = group_size_of(model, cfg)
+    branches = list_branches(model, kinds=cfg.kinds, neuron_group_size=group)
+    scores: dict[str, float] = method.scores(model, hooks, calib, cfg.kinds, group) if hasattr(method, "scores") else {}
+    if hasattr(method, "select"):
+        names = method.select(model, hooks, calib, cfg.kinds, group, cfg.target)
+    elif cfg.target is not None:
+        names = select_for_target(branches, scores, cfg.target, per_param=cfg.per_param, model=model,
+                                  allow_empty=cfg.allow_empty)
+    else:
+        names = select_below_threshold(scores, cfg.threshold)
+    gone = set(names)
+    table = [{"name": b.name, "kind": b.kind, "layer": b.layer, "params": b.params, "score": scores.get(b.name),
+              "removed": b.name in gone or b.parent in gone} for b in branches]
+    removed_scores = [b["score"] for b in table if b["removed"] and b["score"] is not None]
+    tau = max(removed_scores) if removed_scores else cfg.threshold  # the largest score that went
+    try:
+        report = apply_pruning(model, names, allow_empty=cfg.allow_empty, neuron_group_size=group)
+    except PruningError as e:
+        raise PruningError(f"{e} (on the command line: --allow-empty)") from None
+    return PruneOutcome(scores=scores, removed=report["removed"], branches=table, report=report, tau=tau)
+
+
+def finetune_with(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: ModuleType, method_cfg,
+                  cfg: PruneConfig, train_cfg: TrainConfig, extra_hooks: Sequence[TrainHook] = (),
+                  restore_best: bool = True):
+    """Steps 1-2: fine-tune with the method's terms (and `extra_hooks`: distillation, observers), then take its
+    additions off. Returns (History, the method's hooks)."""
+    total_steps = train_cfg.steps_per_epoch(len(data.train)) * train_cfg.epochs
+    hooks = method.training_hooks(model, method_cfg, cfg.target, total_steps, cfg.kinds, group_size_of(model, cfg))
+    history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, hooks=[*hooks, *extra_hooks],
+                  restore_best=restore_best)
+    method.before_removal(model, hooks)
+    return history, hooks
+
+
+def remove(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: ModuleType, hooks: list[TrainHook],
+           cfg: PruneConfig, train_cfg: TrainConfig, dense_config: BertConfig) -> PruneOutcome:
+    """Step 3: a structured method's branches scored, selected and removed; an unstructured one's zeros counted."""
+    if not method.STRUCTURED:
+        return PruneOutcome(scores={}, removed=[], branches=[], tau=None,
+                            report={"compression": sparsity(model, dense_config)})
+    calib = calibration_batches(data.train, tokenizer, cfg.calibration_examples, train_cfg.eval_batch_size,
+                                train_cfg.seed)
+    return select_and_remove(model, method, hooks, calib, cfg)
+
+
+def recover(model: nn.Module, tokenizer: Tokenizer, data: TaskData, cfg: PruneConfig, train_cfg: TrainConfig,
+            structured: bool = True):
+    """Step 4: recovery fine-tuning of the pruned model (seed + 1); an unstructured result keeps its zeros."""
+    rec_cfg = replace(train_cfg, epochs=cfg.recovery_epochs, seed=train_cfg.seed + 1)
+    return fit(model, tokenizer, data.task, data.train, data.dev, rec_cfg, hooks=[] if structured else [KeepZeros(model)])
+
+
+def prune(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: ModuleType, method_cfg, cfg: PruneConfig,
+          train_cfg: TrainConfig, extra_hooks: Sequence[TrainHook] = (), log=print) -> PruneOutcome:
+    """Steps 1-4 on `model` (a BertForSequenceClassification) in place."""
+    check_method(method, cfg)
+    dense_config = BertConfig.from_dict(model.config.to_dict())
+    history, hooks = finetune_with(model, tokenizer, data, method, method_cfg, cfg, train_cfg, extra_hooks)
+    dev = {"finetuned": history.best_metrics,  # fit restored the best epoch: these are its dev scores
+           "finetune_history": history.to_dict()}
+    if not cfg.prunes:
+        return PruneOutcome(scores={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, dev=dev)
+    outcome = remove(model, tokenizer, data, method, hooks, cfg, train_cfg, dense_config)
+    log(f"compression {outcome.report['compression']:.3f} ({COMPRESSION_DEFINITION})")
+    dev["pruned_before_recovery"] = dev_scores(model, tokenizer, data, train_cfg.eval_batch_size)
+    if cfg.recovery_epochs:
+        recovery = recover(model, tokenizer, data, cfg, train_cfg, method.STRUCTURED)
+        dev["recovery_history"] = recovery.to_dict()
+        dev["pruned"] = recovery.best_metrics
+    else:
+        dev["pruned"] = dev["pruned_before_recovery"]
+    outcome.dev = dev
+    return outcome
+
+
+def early_threshold_check(model: nn.Module, method: ModuleType, method_cfg, calib: list[dict], cfg: PruneConfig) -> None:
+    """Refuse a threshold that leaves nothing, as soon as scores can be measured: on the model as loaded, for a
+    method whose scores mean something before fine-tuning (it defines `scores_at_load`; SNIP does)."""
+    if cfg.threshold is None or cfg.allow_empty or not hasattr(method, "scores_at_load"):
+        return
+    scores = method.scores_at_load(model, method_cfg, calib, cfg.kinds, group_size_of(model, cfg))
+    if scores and cfg.threshold > max(scores.values()):
+        raise ValueError(f"--threshold {cfg.threshold} is above every branch's score on the calibration set "
+                         f"(largest {max(scores.values()):.4g} before fine-tuning), so every branch would go; "
+                         "choose a smaller τ, use --target, or pass --allow-empty if that is really meant")
+
+
+def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, method_cfg, cfg: PruneConfig,
+              model_path: str | Path | None = None, glue_dir: str | Path | None = None,
+              train_cfg: TrainConfig | None = None, max_train: int | None = None, overwrite: bool = False,
+              source: str = "auto", plots: bool = True) -> dict:
+    """The `prune` command: writes result.json, pruning.json (branches, scores, why), pruned/ and plots."""
+    train_cfg = train_cfg or TrainConfig()
+    check_method(method, cfg)
+    model_path = Path(model_path) if model_path is not None else default_model_path()
+    run = RunDir(out, overwrite, inputs={"--model": model_path, "--glue-dir": glue_dir})
+    tokenizer = load_tokenizer(model_path)
+    data = load_task_data(task, tokenizer, glue_dir, max_train, seed=train_cfg.seed, max_length=train_cfg.max_length,
+                          source=source)
+    model = new_classifier(model_path, data.task, train_cfg.seed)
+    if cfg.threshold is not None:
+        calib = calibration_batches(data.train, tokenizer, cfg.calibration_examples, train_cfg.eval_batch_size,
+                                    train_cfg.seed)
+        early_threshold_check(model, method, method_cfg, calib, cfg)
+    dense_config = BertConfig.from_dict(model.config.to_dict())
+    main = data.task.main_metric
+    split = next(iter(data.dev))
+    result = {"status": "running", "task": data.task.name, "method": method_name, "model": str(model_path),
+              "data": data.info, "hparams": asdict(train_cfg), "prune": asdict(cfg), "method_config": asdict(method_cfg),
+              "seed": train_cfg.seed, "environment": environment(), "main_metric": main,
+              "compression_definition": COMPRESSION_DEFINITION}
+    with run.writing() as work:
+        write_json(work / "result.json", result)
+        t0 = time.perf_counter()
+        try:
+            outcome = prune(model, tokenizer, data, method, method_cfg, cfg, train_cfg,
+                            log=print if train_cfg.progress else (lambda *a: None))
+            result["compression"] = outcome.report["compression"]
+            result["structured"] = method.STRUCTURED
+            result["dense_score"] = outcome.dev["finetuned"][split][main]
+            result["score"] = outcome.dev.get("pruned", outcome.dev["finetuned"])[split][main]
+            result["scores"] = outcome.dev
+            write_json(work / "pruning.json", {
+                "method": method_name, "target": cfg.target, "threshold": cfg.threshold, "tau_effective": outcome.tau,
+                "compression": result["compression"], "compression_definition": COMPRESSION_DEFINITION,
+                "why": f"removed: the branches with the smallest scores ({method.DESCRIPTION}) until the target "
+                       "was met, or those under the threshold" if method.STRUCTURED else
+                       f"zeros inside the encoder's linear layers ({method.DESCRIPTION})",
+                "removed": outcome.removed, "scores": outcome.scores, "branches": outcome.branches,
+                "report": outcome.report, "layers": [asdict(l) for l in model.config.layers]})
+            save_pretrained(model, work / "pruned", tokenizer=tokenizer)
+            if plots and outcome.scores:
+                from ..plots import plot_kept_map, plot_norms_per_layer
+                plot_norms_per_layer(outcome.scores, outcome.removed, work / "norms_per_layer.png",
+                                     title=f"{data.task.display}: branch scores after fine-tuning ({method_name})")
+                plot_kept_map(dense_config, model.config, work / "kept_map.png",
+                              title=f"{data.task.display}: kept branches at compression {result['compression']:.2f}")
+            result["status"] = "completed"
+        except KeyboardInterrupt:
+            result["status"] = "interrupted"
+            raise
+        except Exception as e:
+            result["status"] = f"failed: {type(e).__name__}: {e}"
+            raise
+        finally:
+            result["wall_seconds"] = time.perf_counter() - t0
+            write_json(work / "result.json", result)
+    return result
+
+
+def format_prune_result(result: dict) -> str:
+    """One readable block: dense vs pruned score, compression, time."""
+    s = result["scores"]
+    split = next(iter(s["finetuned"]))
+    main = result["main_metric"]
+    lines = [f"{result['task']} | {result['method']} | model {short_name(result['model'])} | train examples "
+             f"{result['data']['train_examples']} | {result['wall_seconds']:.0f} s",
+             f"{'stage':<26} {main + ' (x100)':>14}",
+             f"{'fine-tuned (dense)':<26} {100 * s['finetuned'][split][main]:>14.2f}"]
+    if "pruned_before_recovery" in s:
+        lines.append(f"{'pruned, before recovery':<26} {100 * s['pruned_before_recovery'][split][main]:>14.2f}")
+        lines.append(f"{'pruned + recovery':<26} {100 * s['pruned'][split][main]:>14.2f}")
+    lines.append(f"compression {result['compression']:.3f} = {result['compression_definition']}")
+    return "\n".join(lines)
+
+
+__all__ = ["KeepZeros", "PruneConfig", "PruneOutcome", "calibration_batches", "dev_scores", "finetune_with",
+           "format_prune_result", "prune", "recover", "remove", "run_prune", "select_and_remove"]

@@ -1,0 +1,89 @@
+"""SNIP as one method on the shared recipe (Lin et al. 2020, Sec. 3-4, as reconstructed here).
+
+1. fine-tune with the identity prior   L = L_task + λ_t Σ_m w_m ||f_m||   (prior.py), λ_t ramping up from 0
+   over the first `prior_warmup` of the steps, under spectral normalization W ← W · min(1, c/σ(W)) of every
+   branch matrix (spectral.py);                                                     `training_hooks`
+2. bake SN into plain weights;                                                      `before_removal`
+3. score every branch by its function norm ||f_m|| on a calibration set (norms.py);  `scores`
+4. the recipe thresholds (smallest norms go until the target is met, or those under τ), removes the
+   branches physically and fine-tunes the pruned model once more (minisnip.pruning.recipe).
+
+The ablations are this module with a part switched off: `snip-no-sn` (prior, no SN) and `snip-no-prior`
+(thresholding the norms of a plainly fine-tuned model, no SN either).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..train import TrainHook
+from .norms import function_norms
+from .prior import PriorPenalty
+from .spectral import apply_spectral_norm, remove_spectral_norm
+
+STRUCTURED = True
+USES_DISTILLATION = False
+DESCRIPTION = "SNIP (Lin et al. 2020): identity prior + spectral normalization, threshold the function norms"
+
+
+@dataclass
+class Config:
+    """SNIP's own choices; each a switch a student can flip (the recipe's choices are in `PruneConfig`)."""
+
+    prior: bool = True  # the identity prior λ Σ_m w_m ||f_m|| in the fine-tuning loss
+    spectral_norm: bool = True  # W ← W · min(1, c/σ(W)) on every branch matrix while fine-tuning
+    prior_lambda: float = 3e-4
+    prior_warmup: float = 0.5  # share of fine-tuning steps over which λ ramps linearly from 0 to prior_lambda
+    prior_weights: str | None = "params"  # w_m ∝ parameters of branch m (mean 1), or None for w_m = 1
+    sn_bound: str | float = "init"  # "init": c = σ(W) at load time; or a positive constant such as 0.95
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.prior_lambda, (int, float)) and math.isfinite(self.prior_lambda)
+                and self.prior_lambda >= 0):
+            raise ValueError(f"prior_lambda must be a finite number ≥ 0, got {self.prior_lambda!r}")
+        if not (isinstance(self.prior_warmup, (int, float)) and 0 <= self.prior_warmup <= 1):
+            raise ValueError(f"prior_warmup must be a share of the fine-tuning steps in [0, 1], got {self.prior_warmup!r}")
+        if self.prior_weights not in (None, "params"):
+            raise ValueError(f"prior_weights must be None or 'params', got {self.prior_weights!r}")
+        if self.sn_bound != "init" and not (isinstance(self.sn_bound, (int, float)) and not isinstance(self.sn_bound, bool)
+                                            and math.isfinite(self.sn_bound) and self.sn_bound > 0):
+            raise ValueError(f"sn_bound must be 'init' or a finite number > 0, got {self.sn_bound!r}")
+
+    @property
+    def uses_prior(self) -> bool:
+        return self.prior and self.prior_lambda > 0
+
+
+def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int, kinds: tuple[str, ...],
+                   group_size: int) -> list[TrainHook]:
+    """Put SN on the branch matrices (when on) and return the prior's hook (when on)."""
+    if cfg.spectral_norm:
+        apply_spectral_norm(model, bound=cfg.sn_bound)
+    if not cfg.uses_prior:
+        return []
+    return [PriorPenalty(cfg.prior_lambda, kinds, group_size, cfg.prior_weights,
+                         warmup_steps=round(cfg.prior_warmup * total_steps))]
+
+
+def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
+    """Bake W · min(1, c/σ̂) into plain weights (a no-op without SN)."""
+    remove_spectral_norm(model)
+
+
+def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
+           group_size: int) -> dict[str, float]:
+    """The function norm ||f_m|| of every branch on the calibration set: the thresholding operator's input."""
+    return function_norms(model, calib, kinds=kinds, neuron_group_size=group_size)
+
+
+def scores_at_load(model: nn.Module, cfg: Config, calib: list[dict], kinds: tuple[str, ...],
+                   group_size: int) -> dict[str, float]:
+    """The function norms before fine-tuning: the identity prior only shrinks them (and plain fine-tuning moves
+    them little), so a threshold above all of them removes everything; the recipe checks this up front."""
+    return function_norms(model, calib, kinds=kinds, neuron_group_size=group_size)
+
+
+__all__ = ["Config", "DESCRIPTION", "STRUCTURED", "USES_DISTILLATION", "before_removal", "scores", "scores_at_load", "training_hooks"]
