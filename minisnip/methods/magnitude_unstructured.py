@@ -1,12 +1,11 @@
 """Gradual magnitude pruning of single weights during fine-tuning (command-line name `magnitude-unstructured`).
 
 Zhu & Gupta, "To prune, or not to prune: exploring the efficacy of pruning for model compression" (arXiv
-1710.01878, ICLR workshop 2018), Sec. 3: "for every layer chosen to be pruned, we add a binary mask variable
-[...] that determines which of the weights participate in the forward execution of the graph. The weights
-in each layer are sorted by their absolute values and the smallest magnitude weights are masked to zero
-until the desired sparsity level s is reached." The sparsity follows their eq. (1), the cubic schedule
-(`minisnip.pruning.schedule.cubic_sparsity`), the masks are updated every Δt steps, and "the weights that
-were masked to zero [...] are not updated" (their gradient is masked).
+1710.01878, ICLR workshop 2018), Sec. 3, paraphrased: every pruned layer gets a binary mask of
+its weight's shape that decides which weights take part in the forward pass; the layer's weights are sorted
+by absolute value and the smallest are masked to zero until the desired sparsity s is reached; the
+gradients flow through the masks, so masked weights are not updated. The sparsity follows their eq. (1),
+the cubic schedule (`minisnip.pruning.schedule.cubic_sparsity`), and the masks are updated every Δt steps.
 
 Which weights: those of the encoder's linear layers W_QKV, W_O, W_1, W_2 (`encoder_linears`), biases
 excluded; the target is the share of those weights that are zero at the end (`weight_sparsity`).
