@@ -48,6 +48,7 @@ FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "initializer_range": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
     "pad_token_id": (lambda v: v is None or (_is_int(v) and v >= 0), "null or a token id in [0, vocab_size)"),
     "problem_type": (lambda v: v in PROBLEM_TYPES, "null, 'regression' or 'single_label_classification'"),
+    "finetuning_task": (lambda v: v is None or isinstance(v, str), "null or a task name"),
 }
 
 
@@ -112,6 +113,7 @@ class BertConfig:
     classifier_dropout: float | None = None
     num_labels: int = 2
     problem_type: str | None = None  # "regression" or "single_label_classification"
+    finetuning_task: str | None = None  # the GLUE task the classifier head was fine-tuned on (Hugging Face's field)
     layers: list[LayerShape] = field(default_factory=list)
 
     def __post_init__(self) -> None:

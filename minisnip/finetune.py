@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import default_model_path, write_json
 from .data import Encoded, encode_dataset
-from .glue import GLUE_DIR_ENV, GlueTask, get_task, load_split
+from .glue import GLUE_DIR_ENV, GlueDataError, GlueTask, get_task, load_split
 from .model import BertForSequenceClassification
 from .rundir import RunDir
 from .tokenizer import Tokenizer, load_tokenizer
@@ -57,7 +57,7 @@ def load_task_data(task: str | GlueTask, tokenizer: Tokenizer, glue_dir: str | P
 
 def load_classifier(model_path: str | Path, task: GlueTask) -> BertForSequenceClassification:
     """A sequence classifier for `task` from a BERT folder (a new head unless the folder's head fits)."""
-    overrides = {"num_labels": task.num_labels,
+    overrides = {"num_labels": task.num_labels, "finetuning_task": task.name,
                  "problem_type": "regression" if task.is_regression else "single_label_classification"}
     return BertForSequenceClassification.from_pretrained(model_path, **overrides)
 
@@ -67,7 +67,8 @@ def load_trained_classifier(model_path: str | Path, task: GlueTask,
     """A fine-tuned classifier for `task`, refusing one whose head was not trained for it (unless allowed).
 
     Refused: a folder without classifier weights (a pre-trained BERT: its head would be random), a head with
-    another label count or problem type, and a minisnip run (result.json beside the checkpoint) of another task.
+    another label count or problem type, and a head whose config names another task (`finetuning_task`, which
+    minisnip's fine-tuning sets).
     """
     from .checkpoint import read_state_dict, resolve_folder
     folder = resolve_folder(model_path)
@@ -86,15 +87,20 @@ def load_trained_classifier(model_path: str | Path, task: GlueTask,
         if regression != task.is_regression:
             problems.append(f"its head is {'a regression' if regression else 'a classification'} head but "
                             f"{task.display} is {'regression' if task.is_regression else 'classification'}")
-    run = folder.parent / "result.json"
-    if run.is_file():
-        trained = json.loads(run.read_text(encoding="utf-8")).get("task")
-        if trained is not None and trained != task.name:
-            problems.append(f"{run} says it was fine-tuned on {get_task(trained).display}, not {task.display}")
+    trained = _task_or_none(config.get("finetuning_task"))
+    if head and trained is not None and trained != task:
+        problems.append(f"its config.json says it was fine-tuned on {trained.display}, not {task.display}")
     if problems and not allow_untrained:
         raise ValueError(f"{folder}: its classifier head was not trained for {task.display}: " + "; ".join(problems)
                          + " (pass --allow-untrained-head to evaluate it anyway)")
     return BertForSequenceClassification.from_pretrained(folder) if not problems else load_classifier(folder, task)
+
+
+def _task_or_none(name) -> GlueTask | None:
+    try:
+        return get_task(name) if isinstance(name, str) else None
+    except GlueDataError:
+        return None
 
 
 def short_name(model: str | Path) -> str:

@@ -18,7 +18,8 @@ Any defect (wrong header, wrong column count, unknown label, bad STS-B score, ..
 is returned partially.
 
 ``load_split(..., source="auto")`` reads local files when ``glue_dir`` is given, else from the
-directory in the environment variable ``MINISNIP_GLUE_DIR`` if it is set, else from the hub.
+directory in the environment variable ``MINISNIP_GLUE_DIR`` if it is set, else from the hub (``nyu-mll/glue``;
+a failure there, e.g. offline, says how to pass a local folder instead).
 """
 
 from __future__ import annotations
@@ -304,11 +305,22 @@ def _sample_indices(n_rows: int, max_examples: int | None, seed: int) -> list[in
     return sorted(random.Random(seed).sample(range(n_rows), max_examples))
 
 
+HUB_DATASET = "nyu-mll/glue"  # the hub id; a bare "glue" would read a local folder of that name instead
+
+
 def _load_hub(task: GlueTask, split: str) -> "datasets.Dataset":
     import datasets
 
     hub_split = _hub_split(split)
-    dd = datasets.load_dataset("glue", task.name)
+    try:
+        dd = datasets.load_dataset(HUB_DATASET, task.name)
+    except Exception as e:  # noqa: BLE001 - offline, hub down, no such config: one message that says what to do
+        reason = " ".join(str(e).split())[:300]
+        raise GlueFileNotFoundError(
+            f"{task.display}: no GLUE folder was given (--glue-dir or ${GLUE_DIR_ENV}), so the hub copy "
+            f"{HUB_DATASET!r} was tried and could not be loaded ({type(e).__name__}: {reason}). Offline, point "
+            f"--glue-dir (or {GLUE_DIR_ENV}) at a folder holding {task.folder}/train.tsv and dev.tsv "
+            "(data/README.md says how to get them)") from None
     if hub_split not in dd:
         raise GlueDataError(f"hub dataset glue/{task.name} has no split {hub_split!r}; has: {', '.join(dd)}")
     ds = dd[hub_split]

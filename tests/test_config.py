@@ -33,6 +33,7 @@ BAD_VALUES = {
     "initializer_range": [-0.02, NAN, float("inf"), "0.02", True],
     "pad_token_id": [1000, 5000, -1, 0.0, True, "0"],
     "problem_type": ["multi_label_classification", 1],
+    "finetuning_task": [3, ["sst2"], True],
 }
 
 

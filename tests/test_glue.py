@@ -439,7 +439,7 @@ def fake_hub(monkeypatch):
 
 def test_hub_rte(fake_hub):
     ds = load_split("rte", "dev")  # auto without glue_dir -> hub
-    assert fake_hub == [("glue", "rte", (), {})]
+    assert fake_hub == [("nyu-mll/glue", "rte", (), {})]
     assert ds.column_names == ["text_a", "text_b", "label"]
     assert ds.features["label"] == datasets.Value("int64")
     assert ds.to_dict() == {"text_a": ["p0", "p1"], "text_b": ["h0", "h1"], "label": [1, 0]}
