@@ -34,7 +34,8 @@ def test_no_pruning_span():
 
 @pytest.mark.parametrize("kwargs, word", [
     (dict(final=1.5), "final"), (dict(final=float("nan")), "final"), (dict(final=0.3, initial=0.5), "initial"),
-    (dict(final=0.5, warmup_steps=6, cooldown_steps=5), "warmup_steps"), (dict(final=0.5, warmup_steps=-1), "warmup_steps"),
+    (dict(final=0.5, warmup_steps=6, cooldown_steps=5), "warmup_steps"),
+    (dict(final=0.5, warmup_steps=-1), "warmup_steps"),
 ])
 def test_rejects_bad_arguments(kwargs, word):
     with pytest.raises(ValueError, match=word):

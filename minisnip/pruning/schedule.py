@@ -49,7 +49,8 @@ def cubic_sparsity(step: int, total_steps: int, final: float, initial: float = 0
         raise ValueError(f"initial sparsity must not exceed the final one, got initial={initial}, final={final}")
     if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps must be an integer >= 1, got total_steps={total_steps!r}")
-    warmup_steps, cooldown_steps = _check_steps("warmup_steps", warmup_steps), _check_steps("cooldown_steps", cooldown_steps)
+    warmup_steps = _check_steps("warmup_steps", warmup_steps)
+    cooldown_steps = _check_steps("cooldown_steps", cooldown_steps)
     if warmup_steps + cooldown_steps > total_steps:
         raise ValueError(f"warmup_steps + cooldown_steps must not exceed total_steps, got {warmup_steps} + "
                          f"{cooldown_steps} > {total_steps}")
