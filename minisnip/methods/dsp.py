@@ -1,0 +1,236 @@
+"""Differentiable subset pruning (DSP): learned importance logits under an exact budget of k kept branches.
+
+Li, Cotterell, Sachan. "Differentiable Subset Pruning of Transformer Heads". TACL 2021 (arXiv 2108.04657).
+Every head h gets an importance logit w_h, learned with the model by SGD; the gates are a relaxed sample of
+a k-subset of the heads (the Gumbel-soft top-k of Xie & Ermon 2019), so exactly k heads stay:
+
+    r = w + g,  g_h ~ Gumbel(0, 1)                                     perturbed logits
+    p^(1) = softmax(r / τ),   p^(j) = softmax((r + Σ_{i<j} log(1 - p^(i))) / τ),   j = 2..k
+    gates = Σ_{j=1..k} p^(j)          (sums to k; -> the hard top-k of r as τ -> 0)  -> `soft_top_k`
+
+(the mask log(1 - p) is added to r before the division by τ, as in the authors' code; at moderate τ a
+gate can exceed 1, since each softmax only down-weights what the previous one chose).
+
+τ is annealed geometrically from τ_0 to τ_end over the first `cooldown` of the steps, then stays at τ_end
+(`temperature`). After training the k branches with the largest w stay (`select`). The paper's other
+estimator, a straight-through hard top-k (forward: the k-hot vector of the top-k w, no noise; backward:
+the identity to w), is `estimator="ste"` (`hard_top_k_st`).
+
+Defaults are those of the authors' BERT/MNLI runs (their public scripts): lr of w 0.5, τ_0 = 1000,
+τ_end = 1e-8, cooldown 25,000 of 36,816 steps (3 epochs; 8,333 of 12,272 for 1 epoch): `cooldown` = 0.68;
+w initialised uniformly in ±0.5 (Xavier on their 12 x 12 matrix of logits). Their gates are the soft k-hot
+vector itself, no straight-through (so the forward sees fractional gates until τ is small), and so are ours.
+
+Reconstructed for minisnip:
+
+* branches: heads *and* FFN neuron groups (of 2·head_dim neurons, as many weights as a head) in one subset,
+  over all layers, so that a compression target in weights is reachable; heads only with kinds=("head",).
+* budget: compression target -> k. need = target·P_dense - (weights removed already); m = the fewest branches
+  whose *smallest* parameter counts add up to need; k = N - m (`keep_budget`). Any m branches removed then
+  meet the target; with branches of equal size this is exact, with heads (4Hd + 3d) and groups (4Hd + 2d)
+  it errs by at most one branch; emptied blocks remove their bias too, so the compression only rises.
+* the relaxation runs in float64 (as the authors' code does) and clamps 1 - p at the smallest float64 before
+  the log, so a chosen entry drops out without producing -inf·0.
+* evaluation during fit (end of each epoch) uses the noise-free relaxation at the current τ (the hard
+  top-k for "ste"), written by `epoch_log`; the next step samples again.
+* cost: k sequential softmaxes over N values per step, inherent in the relaxation; measured forward +
+  backward on one CPU thread: 5 ms for N = 216, k = 108 (MiniLM, 50%), 11 ms for N = 432, k = 216 (BERT-base).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..pruning.branches import Branch, list_branches
+from ..pruning.compression import dense_encoder_linear_params, encoder_linear_params
+from ..pruning.gates import GateLayout, clear_gates
+from ..pruning.removal import canonical_names
+from ..surgery import encoder_of
+from ..train import StepContext, TrainHook
+from .l0 import check_field
+
+STRUCTURED = True
+USES_DISTILLATION = False
+DESCRIPTION = "differentiable subset pruning: learned logits, Gumbel-soft top-k gates keeping exactly k (Li et al. 2021)"
+
+ESTIMATORS = ("gumbel", "ste")
+
+
+@dataclass
+class Config:
+    """Hyper-parameters of DSP (defaults: the authors' BERT runs)."""
+
+    lr: float = 0.5  # learning rate of the logits w ("pruning_lr")
+    init_temperature: float = 1000.0  # τ_0
+    final_temperature: float = 1e-8  # τ_end
+    cooldown: float = 0.68  # share of the steps over which τ is annealed (25,000 of 36,816 in the paper's runs)
+    estimator: str = "gumbel"  # "gumbel": Gumbel-soft top-k; "ste": straight-through hard top-k
+    init_range: float = 0.5  # w ~ U(-init_range, init_range)
+
+    def __post_init__(self) -> None:
+        check_field(self, "lr", lambda v: v > 0, "a finite number > 0")
+        check_field(self, "init_temperature", lambda v: v > 0, "a finite number > 0")
+        check_field(self, "final_temperature", lambda v: 0 < v <= self.init_temperature,
+                    f"a finite number in (0, init_temperature={self.init_temperature}]")
+        check_field(self, "cooldown", lambda v: 0 <= v <= 1, "a share of the steps in [0, 1]")
+        check_field(self, "init_range", lambda v: v >= 0, "a finite number >= 0")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got estimator={self.estimator!r}")
+
+
+# --- the relaxation -----------------------------------------------------------------------------------------
+
+def gumbel_noise(like: Tensor) -> Tensor:
+    """g = -log(-log u), u ~ U(0, 1): standard Gumbel noise shaped like `like`."""
+    tiny = torch.finfo(like.dtype).tiny
+    u = torch.rand_like(like).clamp_(tiny, 1.0 - torch.finfo(like.dtype).eps)
+    return -torch.log(-torch.log(u))
+
+
+def soft_top_k(logits: Tensor, k: int, temperature: float, noise: Tensor | None = None) -> Tensor:
+    """Σ_{j≤k} p^(j), p^(j) = softmax((r + Σ_{i<j} log(1 - p^(i))) / τ), r = logits + noise (float64 inside).
+
+    Sums to k; tends to the k-hot vector of the top-k of r as τ -> 0; differentiable in the logits."""
+    n = logits.shape[-1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}] (the number of branches), got k={k}")
+    r = logits.double() + (noise.double() if noise is not None else 0.0)
+    if k == n:
+        return torch.ones_like(logits) + 0 * logits  # every branch kept (still connected to the logits)
+    tiny = torch.finfo(torch.float64).tiny
+    total = torch.zeros_like(r)
+    for _ in range(k):
+        p = torch.softmax(r / temperature, dim=-1)
+        total = total + p
+        r = r + torch.log(torch.clamp(1.0 - p, min=tiny))
+    return total.to(logits.dtype)
+
+
+def hard_top_k(logits: Tensor, k: int) -> Tensor:
+    """The k-hot vector of the k largest logits (ties: the first ones)."""
+    out = torch.zeros_like(logits)
+    out[torch.topk(logits.detach(), k).indices] = 1.0
+    return out
+
+
+def hard_top_k_st(logits: Tensor, k: int) -> Tensor:
+    """Straight-through: the hard top-k forward, the identity backward (the paper's "ste" estimator)."""
+    return hard_top_k(logits, k) + logits - logits.detach()
+
+
+def temperature(step: int, cfg: Config, cooldown_steps: int) -> float:
+    """τ at a 0-based step: exp(log τ_0 - (step / T_c)(log τ_0 - log τ_end)) up to T_c, then τ_end."""
+    if cooldown_steps <= 0 or step >= cooldown_steps:
+        return cfg.final_temperature
+    a, b = math.log(cfg.init_temperature), math.log(cfg.final_temperature)
+    return math.exp(a - step / cooldown_steps * (a - b))
+
+
+def keep_budget(model: nn.Module, branches: Sequence[Branch], target: float) -> int:
+    """k: how many of `branches` may stay so that removing *any* of the others reaches `target` (module doc)."""
+    if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
+        raise ValueError(f"target compression must lie in (0, 1), got target={target!r}")
+    enc = encoder_of(model)
+    dense = dense_encoder_linear_params(enc.config)
+    need = target * dense - (dense - encoder_linear_params(enc))
+    if need <= 1e-9:
+        return len(branches)
+    total = 0
+    for m, p in enumerate(sorted(b.params for b in branches), start=1):
+        total += p
+        if total >= need - 1e-9:
+            if m == len(branches):
+                raise ValueError(f"target {target} needs every one of the {len(branches)} branches removed; "
+                                 "DSP keeps at least one")
+            return len(branches) - m
+    raise ValueError(f"target {target} cannot be reached by removing these {len(branches)} branches")
+
+
+class SubsetGates(TrainHook):
+    """The logits w, the annealed temperature, and the relaxed k-hot gates written before every forward."""
+
+    def __init__(self, model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
+                 group_size: int | None) -> None:
+        self.model, self.cfg, self.target = model, cfg, float(target)
+        self.branches = list_branches(model, kinds, group_size if "neurons" in kinds else None)
+        self.names = [b.name for b in self.branches]
+        self.layout = GateLayout(model, self.branches)
+        self.k = keep_budget(model, self.branches, target)
+        self.cooldown_steps = round(cfg.cooldown * max(1, int(total_steps)))
+        device = next(model.parameters()).device
+        w = (torch.rand(len(self.branches), device=device) * 2 - 1) * cfg.init_range
+        self.logits = nn.Parameter(w)
+        self.tau = temperature(0, cfg, self.cooldown_steps)
+
+    def gates(self, sample: bool = True) -> Tensor:
+        """The relaxed k-hot gates at the current τ (sample=False: without Gumbel noise)."""
+        if self.cfg.estimator == "ste":
+            return hard_top_k_st(self.logits, self.k)
+        noise = gumbel_noise(self.logits.detach()) if sample else None
+        return soft_top_k(self.logits, self.k, self.tau, noise)
+
+    def param_groups(self) -> list[dict]:
+        self.logits.data = self.logits.data.to(next(self.model.parameters()).device)  # fit moved the model
+        return [{"params": [self.logits], "lr": self.cfg.lr, "weight_decay": 0.0}]
+
+    def before_forward(self, ctx: StepContext) -> None:
+        self.tau = temperature(ctx.step - 1, self.cfg, self.cooldown_steps)
+        self.layout.apply(ctx.model, self.gates())
+
+    def epoch_log(self) -> dict:
+        """Writes the noise-free gates for the evaluation that follows; reports τ, k and the top-k's logit gap."""
+        with torch.no_grad():
+            self.layout.apply(self.model, self.gates(sample=False).detach())
+            w = torch.sort(self.logits.detach(), descending=True).values
+        gap = float(w[self.k - 1] - w[self.k]) if self.k < len(w) else None
+        return {"temperature": self.tau, "keep": self.k, "logit_gap_at_k": gap}
+
+
+# --- the method contract -------------------------------------------------------------------------------------
+
+def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
+                   group_size: int) -> list[TrainHook]:
+    """One `SubsetGates` hook: logits on every branch of `kinds`, k = keep_budget(target)."""
+    return [SubsetGates(model, cfg, target, total_steps, kinds, group_size)]
+
+
+def _hook(hooks: Sequence[TrainHook]) -> SubsetGates:
+    found = [h for h in hooks if isinstance(h, SubsetGates)]
+    if len(found) != 1:
+        raise ValueError(f"expected the one SubsetGates hook of training_hooks, got {len(found)}")
+    return found[0]
+
+
+def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
+           group_size: int) -> dict[str, float]:
+    """The learned logits w by branch name (`calib` is not needed)."""
+    hook = _hook(hooks)
+    if [b.name for b in list_branches(model, kinds, group_size if "neurons" in kinds else None)] != hook.names:
+        raise ValueError("the model's branches changed since the logits were made (pruned in between?)")
+    return dict(zip(hook.names, hook.logits.detach().cpu().tolist()))
+
+
+def select(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...], group_size: int,
+           target: float) -> list[str]:
+    """Remove all but the k branches with the largest logits (canonical names): exactly k stay."""
+    hook = _hook(hooks)
+    if target != hook.target:
+        raise ValueError(f"DSP was trained for target {hook.target}, asked to select for {target}")
+    w = scores(model, hooks, calib, kinds, group_size)
+    kept = set(sorted(w, key=w.get, reverse=True)[:hook.k])
+    return canonical_names(model, [b for b in hook.branches if b.name not in kept])
+
+
+def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
+    """Every gate back to None (the kept branches were trained with gates near 1 once τ is small)."""
+    clear_gates(model)
+
+
+__all__ = ["Config", "DESCRIPTION", "ESTIMATORS", "STRUCTURED", "SubsetGates", "USES_DISTILLATION",
+           "before_removal", "gumbel_noise", "hard_top_k", "hard_top_k_st", "keep_budget", "scores", "select",
+           "soft_top_k", "temperature", "training_hooks"]
