@@ -53,13 +53,12 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 
 import minisnip  # noqa: E402
 from bench.machine import loadavg, machine_info  # noqa: E402
-import minisnip.train as minisnip_train  # noqa: E402
 from minisnip.data import Encoded, iterate, length_bucketed_batches  # noqa: E402
 from minisnip.finetune import load_classifier, load_task_data  # noqa: E402
 from minisnip.glue import GLUE_DIR_ENV, GlueTask  # noqa: E402
 from minisnip.model import BertForSequenceClassification  # noqa: E402
 from minisnip.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from minisnip.train import TrainConfig, evaluate, fit, set_seed  # noqa: E402
+from minisnip.train import StepContext, TrainConfig, TrainHook, evaluate, fit, set_seed  # noqa: E402
 
 MS = "minisnip"
 REF = "transformers"
@@ -200,44 +199,25 @@ def subset(data: Encoded, n: int) -> Encoded:
 
 
 # --- training ----------------------------------------------------------------------------------------------
+class StepLosses(TrainHook):
+    """Records each training step's task loss (read after the step, as the reference loop reads its own)."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def after_step(self, ctx: StepContext) -> None:
+        self.losses.append(ctx.loss.detach())
+
+
 def train_minisnip(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTask, train: Encoded,
                    dev: dict[str, Encoded], cfg: TrainConfig) -> dict:
-    """minisnip's own loop (`fit`); the per-step training losses are recorded by wrapping `model.loss`."""
-    losses: list[torch.Tensor] = []
-    loss_fn = model.loss
-
-    def recording_loss(logits, labels):
-        loss = loss_fn(logits, labels)
-        if logits.requires_grad:  # a training step; evaluate() calls it too, on no-grad logits
-            losses.append(loss.detach())
-        return loss
-
-    # process CPU time of the training epochs: fit walks each epoch's batches through `iterate`; time that walk
-    # (evaluation walks its batches with gradients off and is not counted), as the reference loop does
-    cpu: list[float] = []
-    plain_iterate = minisnip_train.iterate
-
-    def timed_iterate(data, batches, tok):
-        if not torch.is_grad_enabled():  # predict() during evaluation
-            yield from plain_iterate(data, batches, tok)
-            return
-        c0 = time.process_time()
-        try:
-            yield from plain_iterate(data, batches, tok)
-        finally:
-            cpu.append(time.process_time() - c0)
-
-    model.loss = recording_loss  # type: ignore[method-assign]
-    minisnip_train.iterate = timed_iterate
-    try:
-        history = fit(model, tokenizer, task, train, dev, cfg, out_dir=None, restore_best=False)
-    finally:
-        del model.loss
-        minisnip_train.iterate = plain_iterate
+    """minisnip's own loop (`fit`); the per-step training losses are recorded by a `TrainHook`."""
+    record = StepLosses()
+    history = fit(model, tokenizer, task, train, dev, cfg, out_dir=None, hooks=[record], restore_best=False)
     h = history.to_dict()
-    return {"epochs": h["epochs"], "steps": h["steps"], "train_seconds": h["train_seconds"], "cpu_seconds": sum(cpu),
-            "train_examples": h["train_examples"], "train_tokens": h["train_tokens"],
-            "step_losses": [float(x) for x in losses]}
+    return {"epochs": h["epochs"], "steps": h["steps"], "train_seconds": h["train_seconds"],
+            "cpu_seconds": h["train_cpu_seconds"], "train_examples": h["train_examples"],
+            "train_tokens": h["train_tokens"], "step_losses": [float(x) for x in record.losses]}
 
 
 def train_reference(model: nn.Module, tokenizer: Tokenizer, task: GlueTask, train: Encoded,

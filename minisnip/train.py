@@ -245,6 +245,7 @@ class History:
     best_metrics: dict | None = None
     steps: int = 0
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # process CPU time of the training epochs (evaluation excluded)
     train_examples: int = 0
     train_tokens: int = 0
 
@@ -276,7 +277,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
     saved = has_terms = False
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        t0, loss_sum, pen_sum, n_batches = time.perf_counter(), 0.0, 0.0, 0
+        t0, c0, loss_sum, pen_sum, n_batches = time.perf_counter(), time.process_time(), 0.0, 0.0, 0
         for _, batch in iterate(train, length_bucketed_batches(train.lengths, cfg.batch_size, cfg.seed + epoch),
                                 tokenizer):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -314,6 +315,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                 progress.set_postfix(epoch=epoch, loss=f"{loss_sum / n_batches:.4f}",
                                      ex_per_s=f"{history.train_examples / seconds:.1f}")
         history.train_seconds += time.perf_counter() - t0
+        history.train_cpu_seconds += time.process_time() - c0
         record = {"epoch": epoch, "train_loss": loss_sum / max(1, n_batches),
                   "penalty": pen_sum / max(1, n_batches) if has_terms else None,
                   "lr_end": sched.get_last_lr()[0], "dev": {}}
