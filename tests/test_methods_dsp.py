@@ -67,6 +67,8 @@ def test_budget_from_a_compression_target(tiny_model):
     assert 0.5 * dense <= sum(sorted(b.params for b in mixed)[:len(mixed) - k])
     with pytest.raises(ValueError, match="target"):
         dsp.keep_budget(model, heads, 0.9)  # heads alone own less than 90% of the encoder
+    with pytest.raises(ValueError, match="target"):
+        dsp.training_hooks(model, dsp.Config(), None, 10, ("head",), 32)  # no target: no budget
 
 
 def test_gates_reach_the_model_and_carry_the_gradient(tiny_model):

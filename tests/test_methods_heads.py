@@ -119,3 +119,5 @@ def test_heads_only_scores_and_config_checks(tiny_model):
             heads.Config(**{field: bad})
     with pytest.raises(ValueError, match="calib"):
         heads.scores(model, hooks, [], ("head",), 32)
+    with pytest.raises(ValueError, match="target"):
+        heads.select(model, hooks, _calib(), ("head",), 32, None)  # threshold mode: no target to run to

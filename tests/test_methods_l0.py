@@ -157,5 +157,6 @@ def test_heads_only_and_config_checks(tiny_model):
                        ("gamma", 0.1), ("zeta", 0.9), ("beta", -1.0), ("log_alpha_limit", float("inf"))]:
         with pytest.raises(ValueError, match=field):
             l0.Config(**{field: bad})
-    with pytest.raises(ValueError, match="target"):
-        l0.training_hooks(model, l0.Config(), 1.0, 5, ("head",), 32)
+    for bad in (1.0, None):
+        with pytest.raises(ValueError, match="target"):
+            l0.training_hooks(model, l0.Config(), bad, 5, ("head",), 32)

@@ -134,7 +134,8 @@ def temperature(step: int, cfg: Config, cooldown_steps: int) -> float:
 def keep_budget(model: nn.Module, branches: Sequence[Branch], target: float) -> int:
     """k: how many of `branches` may stay so that removing *any* of the others reaches `target` (module doc)."""
     if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
-        raise ValueError(f"target compression must lie in (0, 1), got target={target!r}")
+        raise ValueError(f"DSP keeps a budget of k branches set by a target compression in (0, 1), got "
+                         f"target={target!r} (a threshold, or no pruning at all, sets no budget)")
     enc = encoder_of(model)
     dense = dense_encoder_linear_params(enc.config)
     need = target * dense - (dense - encoder_linear_params(enc))

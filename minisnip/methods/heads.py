@@ -220,6 +220,9 @@ def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: t
 def select(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...], group_size: int,
            target: float) -> list[str]:
     """The branches to remove: iterative masking by recomputed importance until `target` (canonical names)."""
+    if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
+        raise ValueError(f"iterative head-importance pruning runs to a target compression in (0, 1), got "
+                         f"target={target!r}; with a threshold, select by `scores` (one-shot importance)")
     names, _ = iterative_selection(model, calib, _branches(model, kinds, group_size), target, _cfg(hooks))
     return names
 

@@ -153,7 +153,8 @@ class L0Gates(TrainHook):
         if ("head" in kinds and "attention" in kinds) or ("neurons" in kinds and "ffn" in kinds):
             raise ValueError(f"kinds {kinds} gate a block and its parts at once: its weights would count twice")
         if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
-            raise ValueError(f"target compression must lie in (0, 1), got target={target!r}")
+            raise ValueError(f"L0 gates are trained toward a target compression in (0, 1), got target={target!r} "
+                             "(a threshold, or no pruning at all, gives them nothing to aim at)")
         self.model, self.cfg, self.target = model, cfg, float(target)
         self.total_steps = max(1, int(total_steps))
         self.branches = list_branches(model, kinds, group_size if "neurons" in kinds else None)
