@@ -157,11 +157,11 @@ class SubsetGates(TrainHook):
 
     def __init__(self, model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
                  group_size: int | None) -> None:
-        self.model, self.cfg, self.target = model, cfg, float(target)
         self.branches = list_branches(model, kinds, group_size if "neurons" in kinds else None)
+        self.k = keep_budget(model, self.branches, target)  # checks the target first
+        self.model, self.cfg, self.target = model, cfg, float(target)
         self.names = [b.name for b in self.branches]
         self.layout = GateLayout(model, self.branches)
-        self.k = keep_budget(model, self.branches, target)
         self.cooldown_steps = round(cfg.cooldown * max(1, int(total_steps)))
         device = next(model.parameters()).device
         w = (torch.rand(len(self.branches), device=device) * 2 - 1) * cfg.init_range
