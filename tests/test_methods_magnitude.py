@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import minisnip
+from minisnip.pruning.compression import encoder_linears, sparsity
 from minisnip.methods import magnitude, magnitude_unstructured as mu
 from minisnip.pruning import apply_pruning, list_branches, select_for_target
 from minisnip.train import StepContext, TrainConfig, fit
@@ -85,7 +86,7 @@ def _fake_training(model, hook, total_steps, seed=0):
     """Steps of a pretend optimiser: every weight gets a gradient and moves (pruned ones too, as AdamW's
     moments would move them); the hook masks gradients and re-zeroes. Yields (step, grads seen)."""
     g = torch.Generator().manual_seed(seed)
-    linears = [lin for _, lin in mu.encoder_linears(model)]
+    linears = [lin for _, lin in encoder_linears(model)]
     for step in range(1, total_steps + 1):
         ctx = StepContext(step=step, total_steps=total_steps, epoch=1, model=model, batch={})
         for lin in linears:
@@ -104,7 +105,7 @@ def test_gradual_hook_follows_the_schedule_and_keeps_zeros(tiny_model, scope):
     model = tiny_model(minisnip.BertForSequenceClassification)
     cfg = mu.Config(scope=scope, update_every=3, warmup=0.1, cooldown=0.2)
     (hook,) = mu.training_hooks(model, cfg, 0.8, 20, (), None)
-    linears = [lin for _, lin in mu.encoder_linears(model)]
+    linears = [lin for _, lin in encoder_linears(model)]
     n = sum(lin.weight.numel() for lin in linears)
     slack = 0.5 * len(linears) if scope == "per-matrix" else 0.5  # rounding: half a weight per matrix / overall
     previous = None
@@ -121,8 +122,8 @@ def test_gradual_hook_follows_the_schedule_and_keeps_zeros(tiny_model, scope):
         if previous is not None:  # masked gradients of the masks in force during the step
             assert all(bool((gr[~k] == 0).all()) for gr, k in zip(grads, previous))
         previous = [k.clone() for k in hook.keep]
-    assert hook.current == 0.8 and abs(mu.weight_sparsity(model) - 0.8) <= slack / n
-    assert hook.epoch_log()["sparsity"] == pytest.approx(mu.weight_sparsity(model))
+    assert hook.current == 0.8 and abs(sparsity(model) - 0.8) <= slack / n
+    assert hook.epoch_log()["sparsity"] == pytest.approx(sparsity(model))
 
 
 def test_before_removal_reaches_the_exact_target_when_the_schedule_did_not(tiny_model):
@@ -132,8 +133,8 @@ def test_before_removal_reaches_the_exact_target_when_the_schedule_did_not(tiny_
         pass
     assert hook.current < 0.7
     mu.before_removal(model, [hook])
-    n = sum(lin.weight.numel() for _, lin in mu.encoder_linears(model))
-    assert n - sum(int(lin.weight.count_nonzero()) for _, lin in mu.encoder_linears(model)) == round(0.7 * n)
+    n = sum(lin.weight.numel() for _, lin in encoder_linears(model))
+    assert n - sum(int(lin.weight.count_nonzero()) for _, lin in encoder_linears(model)) == round(0.7 * n)
     assert not mu.STRUCTURED and not any(type(m).__name__ == "ParametrizationList" for m in model.modules())
 
 
@@ -146,8 +147,8 @@ def test_inside_fit(tiny_folder, glue_fixtures_dir):
     total = cfg.steps_per_epoch(len(data.train)) * cfg.epochs
     hooks = mu.training_hooks(model, mu.Config(update_every=2), 0.6, total, (), None)
     history = fit(model, tokenizer, data.task, data.train, data.dev, cfg, hooks=hooks, restore_best=False)
-    linears = [lin for _, lin in mu.encoder_linears(model)]
+    linears = [lin for _, lin in encoder_linears(model)]
     slack = 0.5 * len(linears) / sum(lin.weight.numel() for lin in linears)  # per-matrix rounding
     assert history.epochs[-1]["sparsity"] == pytest.approx(0.6, abs=slack)
     mu.before_removal(model, hooks)
-    assert mu.weight_sparsity(model) == pytest.approx(0.6, abs=slack)
+    assert sparsity(model) == pytest.approx(0.6, abs=slack)

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 import minisnip
 from minisnip.methods import movement, movement_structured as ms
-from minisnip.methods.magnitude_unstructured import encoder_linears, weight_sparsity
+from minisnip.pruning.compression import encoder_linears, sparsity
 from minisnip.pruning import list_branches, select_for_target
 from minisnip.train import StepContext, TrainConfig, fit
 
@@ -155,7 +155,7 @@ def test_before_removal_bakes_the_exact_target_into_a_plain_model(tiny_model, va
     assert not any(parametrize.is_parametrized(lin) for _, lin in encoder_linears(model))
     assert all(isinstance(lin.weight, nn.Parameter) for _, lin in encoder_linears(model))
     n = sum(w.numel() for w in originals)
-    assert weight_sparsity(model) == round(0.75 * n) / n  # exact
+    assert sparsity(model) == round(0.75 * n) / n  # exact
     threshold = torch.cat([s.flatten() for s in scores]).sort().values[round(0.75 * n)]
     for (_, lin), w, s in zip(encoder_linears(model), originals, scores):
         keep = s >= threshold  # Top_v by the learned scores (continuous scores: no ties)
@@ -186,7 +186,7 @@ def test_inside_fit(tiny_folder, glue_fixtures_dir):
     assert any(bool((st.scores != 0).any()) for st in hooks[0].states)  # the scores were trained
     movement.before_removal(model, hooks)
     linears = [lin for _, lin in encoder_linears(model)]
-    assert weight_sparsity(model) == pytest.approx(0.6, abs=0.5 * len(linears) / sum(l.weight.numel() for l in linears))
+    assert sparsity(model) == pytest.approx(0.6, abs=0.5 * len(linears) / sum(l.weight.numel() for l in linears))
     assert not any(parametrize.is_parametrized(lin) for lin in linears)
 
 

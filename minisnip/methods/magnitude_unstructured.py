@@ -7,8 +7,8 @@ by absolute value and the smallest are masked to zero until the desired sparsity
 gradients flow through the masks, so masked weights are not updated. The sparsity follows their eq. (1),
 the cubic schedule (`minisnip.pruning.schedule.cubic_sparsity`), and the masks are updated every Δt steps.
 
-Which weights: those of the encoder's linear layers W_QKV, W_O, W_1, W_2 (`encoder_linears`), biases
-excluded; the target is the share of those weights that are zero at the end (`weight_sparsity`).
+Which weights: those of the encoder's linear layers W_QKV, W_O, W_1, W_2 (`pruning.compression.encoder_linears`),
+biases excluded; the target is the share of those weights that are zero at the end (`compression.sparsity`).
 
     importance:   |W_ij|
     mask at an update step t:  M = 0 for the round(s_t n) smallest |W_ij|, 1 elsewhere    (`smallest_masks`)
@@ -42,9 +42,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..pruning.compression import encoder_linears, sparsity
 from ..pruning.gates import clear_gates
 from ..pruning.schedule import cubic_sparsity, schedule_steps
-from ..surgery import encoder_of
 from ..train import StepContext, TrainHook
 
 STRUCTURED = False
@@ -56,30 +56,6 @@ SCOPES = ("per-matrix", "global")
 
 
 # --- the weights, their sparsity, and masks by importance --------------------------------------------------
-
-def encoder_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The encoder's linear layers an unstructured method prunes: ("layer0.qkv", Linear), ... in layer order
-    (qkv, out, up, down of every present block)."""
-    out: list[tuple[str, nn.Linear]] = []
-    for i, layer in enumerate(encoder_of(model).layers):
-        if layer.attention is not None:
-            out += [(f"layer{i}.qkv", layer.attention.qkv), (f"layer{i}.out", layer.attention.out)]
-        if layer.ffn is not None:
-            out += [(f"layer{i}.up", layer.ffn.up), (f"layer{i}.down", layer.ffn.down)]
-    return out
-
-
-def weight_sparsity(model: nn.Module) -> float:
-    """Share of the weights of the encoder's W_QKV, W_O, W_1, W_2 (biases excluded) that are exactly zero.
-
-    (Belongs in pruning/compression.py; note that `compression.sparsity` counts the biases as kept weights.)"""
-    zeros = total = 0
-    for _, lin in encoder_linears(model):
-        w = lin.weight
-        zeros += w.numel() - int(w.count_nonzero())
-        total += w.numel()
-    return zeros / total if total else 0.0
-
 
 def keep_largest(importance: Tensor, n_pruned: int) -> Tensor:
     """Boolean mask of importance's shape: False at the `n_pruned` smallest entries, True elsewhere."""
@@ -140,7 +116,7 @@ class GradualMagnitudeHook(TrainHook):
     """Masks the smallest |W| of the encoder's linear layers on the cubic schedule (see the module doc)."""
 
     def __init__(self, model: nn.Module, target: float | None, total_steps: int, cfg: Config):
-        self.cfg = cfg
+        self.model, self.cfg = model, cfg
         self.target = float(target) if target is not None else 0.0  # None: the dense reference, prune nothing
         if cfg.initial_sparsity > self.target:
             raise ValueError(f"initial_sparsity={cfg.initial_sparsity} exceeds the target {self.target}")
@@ -193,9 +169,7 @@ class GradualMagnitudeHook(TrainHook):
         self.apply()
 
     def epoch_log(self) -> dict:
-        zeros = sum(lin.weight.numel() - int(lin.weight.count_nonzero()) for lin in self.linears)
-        return {"sparsity": zeros / sum(lin.weight.numel() for lin in self.linears),
-                "scheduled_sparsity": self.current}
+        return {"sparsity": sparsity(self.model), "scheduled_sparsity": self.current}
 
 
 # --- the method contract -------------------------------------------------------------------------------------
@@ -215,5 +189,4 @@ def before_removal(model: nn.Module, hooks: Sequence[TrainHook]) -> None:
 
 
 __all__ = ["Config", "DESCRIPTION", "GradualMagnitudeHook", "SCOPES", "STRUCTURED", "USES_DISTILLATION",
-           "before_removal", "encoder_linears", "keep_largest", "smallest_masks", "training_hooks",
-           "weight_sparsity"]
+           "before_removal", "keep_largest", "smallest_masks", "training_hooks"]

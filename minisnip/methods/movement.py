@@ -18,7 +18,7 @@ unchanged (`StraightThroughMask`: forward = the mask, backward = identity), so
 and a gradient step S <- S - α ∂L/∂S accumulates -W ∂L/∂W' over training: a weight's score grows while the
 weight moves away from zero. (The soft variant's score gradient adds λ_mvp σ'(S).)
 
-Which weights: those of the encoder's W_QKV, W_O, W_1, W_2 (`magnitude_unstructured.encoder_linears`),
+Which weights: those of the encoder's W_QKV, W_O, W_1, W_2 (`pruning.compression.encoder_linears`),
 biases excluded; the target is the share of those weights that are zero at the end.
 
 Reconstructed where the paper leaves a choice (or where its released code chose something we do not copy):
@@ -57,7 +57,8 @@ from torch.nn.utils import parametrize
 from ..pruning.gates import clear_gates
 from ..pruning.schedule import cubic_sparsity, schedule_steps
 from ..train import StepContext, TrainHook
-from .magnitude_unstructured import SCOPES, encoder_linears, smallest_masks
+from ..pruning.compression import encoder_linears
+from .magnitude_unstructured import SCOPES, smallest_masks
 
 STRUCTURED = False
 USES_DISTILLATION = False

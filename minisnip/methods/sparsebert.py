@@ -17,22 +17,20 @@ Here, with the shared parts:
                     imported, not copied
     distillation:   L = L_task + α T² KL(softmax(z_T/T) || softmax(z_S/T))  (+ α β L_hidden if β > 0)
                     against the fine-tuned dense teacher (`pruning.distill.DistillHook`); USES_DISTILLATION =
-                    True, so the recipe always adds that hook, built from `distill_config(cfg)`
+                    True, so the recipe always adds that hook, built from its `PruneConfig.distill`
 
 Reconstructed (the stored descriptions of the paper we could check do not fix them): the magnitude
 criterion with per-matrix ranking, the schedule's warm-up 10% / cool-down 20% and Δt = 10 (the defaults of
 `magnitude_unstructured.Config`); distillation on the logits only by default (T = 2, α = 1; layer outputs
-with `hidden_weight` > 0), combined with the task loss as a sum (see `pruning.distill`).
+with `DistillConfig.hidden_weight` > 0), combined with the task loss as a sum (see `pruning.distill`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from torch import nn
 
-from ..pruning.distill import DistillConfig
 from ..train import TrainHook
 from . import magnitude_unstructured
 
@@ -46,23 +44,9 @@ PAPER_TARGET = 0.95
 """The paper's headline sparsity: 5% of the encoder's linear-layer weights kept."""
 
 
-@dataclass
-class Config(magnitude_unstructured.Config):
-    """magnitude_unstructured's fields (scope, update_every, warmup, cooldown, initial_sparsity) and the
-    distillation's: temperature T, alpha (weight of the distillation term), hidden_weight (β, layer outputs)."""
-
-    temperature: float = 2.0
-    alpha: float = 1.0
-    hidden_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        distill_config(self)  # validates the distillation fields, naming them
-
-
-def distill_config(cfg: Config) -> DistillConfig:
-    """The DistillConfig the recipe's distillation hook is built with."""
-    return DistillConfig(temperature=cfg.temperature, alpha=cfg.alpha, hidden_weight=cfg.hidden_weight)
+Config = magnitude_unstructured.Config
+"""The pruning schedule's fields (scope, update_every, warmup, cooldown, initial_sparsity); the distillation's
+(temperature, alpha, hidden_weight) are the recipe's `PruneConfig.distill`, which this method always uses."""
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int,
@@ -77,4 +61,4 @@ def before_removal(model: nn.Module, hooks: Sequence[TrainHook]) -> None:
 
 
 __all__ = ["Config", "DESCRIPTION", "PAPER_TARGET", "STRUCTURED", "USES_DISTILLATION", "before_removal",
-           "distill_config", "training_hooks"]
+           "training_hooks"]
