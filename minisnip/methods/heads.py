@@ -7,9 +7,10 @@ of the loss to the gate, a first-order (Taylor) estimate of what masking the hea
     I_h = E_x | ∂L(x) / ∂ξ_h |        at ξ = 1                                   -> `gate_importance`
     I_h <- I_h / || I_layer ||_2      over the heads of the same layer              -> `normalize_per_layer`
 
-("we normalize the importance scores by layer (using the l2 norm)", after Molchanov et al. 2017). Heads are
-then pruned *iteratively*: mask the least important ones, recompute the importance on the masked model,
-mask again, until the wanted size is reached (the paper prunes in increments of 10% of the heads).
+(the paper normalises the scores per layer by their l2 norm, after Molchanov et al. 2017). Heads are then
+pruned *iteratively* ("greedy algorithms for pruning down models"): mask the least important ones,
+recompute the importance on the masked model, mask again, until the wanted size is reached (the paper
+prunes 10% of the heads per step).
 
 Reconstructed where the paper is silent, or where minisnip needs more than heads:
 
