@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from .methods import dsp, heads, l0, magnitude, magnitude_unstructured, movement, movement_structured, sparsebert
+from .pruning.branches import KINDS
+from .pruning.distill import DistillConfig
 from .pruning.recipe import PruneConfig
 from .snip import method as snip_method
 from .snip.method import Config as SnipConfig
@@ -35,9 +38,18 @@ METHODS: dict[str, tuple[ModuleType, dict]] = {
     "snip": (snip_method, {}),
     "snip-no-sn": (snip_method, {"spectral_norm": False}),
     "snip-no-prior": (snip_method, {"prior": False, "spectral_norm": False}),
+    "magnitude": (magnitude, {}),
+    "magnitude-unstructured": (magnitude_unstructured, {}),
+    "movement": (movement, {"variant": "hard"}),
+    "soft-movement": (movement, {"variant": "soft"}),
+    "movement-structured": (movement_structured, {}),
+    "l0": (l0, {}),
+    "heads": (heads, {}),
+    "dsp": (dsp, {}),
+    "sparsebert": (sparsebert, {}),
 }
 
-TRAIN, PRUNE, SNIP = TrainConfig(), PruneConfig(), SnipConfig()
+TRAIN, PRUNE, SNIP, DISTILL = TrainConfig(), PruneConfig(), SnipConfig(), DistillConfig()
 
 
 # --- argument types: each refuses a bad value with a message naming it ------------------------------------------
@@ -158,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of --target: remove branches with score (SNIP: function norm) < τ")
     p.add_argument("--dense", action="store_true", help="no target: fine-tune with the method's terms, prune nothing")
     p.add_argument("--allow-empty", action="store_true", help="allow removing every attention and FFN block")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(PRUNE.kinds),
+                   help="branch kinds a structured method scores and removes (%(default)s)")
     p.add_argument("--group-size", type=integer(1), default=PRUNE.neuron_group_size,
                    help="FFN neurons per branch (default 2 x head_dim)")
     p.add_argument("--per-param", action="store_true", help="rank branches by score per parameter")
@@ -169,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SNIP: share of fine-tuning steps over which λ ramps up from 0 (%(default)s)")
     p.add_argument("--sn-bound", type=sn_bound, default=SNIP.sn_bound,
                    help="SNIP: spectral-norm bound c: 'init' (σ at load time) or a number > 0 (%(default)s)")
+    p.add_argument("--distill", action="store_true",
+                   help="distil from a fine-tuned dense teacher while fine-tuning (any method; sparsebert always does)")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="the teacher: a checkpoint fine-tuned on the task (default: fine-tune one first, kept in teacher/)")
+    p.add_argument("--distill-temperature", type=number(0, None, lo_open=True), default=DISTILL.temperature,
+                   help="distillation temperature T (%(default)s)")
+    p.add_argument("--distill-alpha", type=number(0, None), default=DISTILL.alpha,
+                   help="weight α of the distillation term added to the task loss (%(default)s)")
+    p.add_argument("--distill-hidden", type=number(0, None), default=DISTILL.hidden_weight,
+                   help="weight β of the layer-output term inside it (%(default)s: off)")
     p.add_argument("--option", type=option, action="append", default=[], metavar="NAME=VALUE",
                    help="set a field of the method's Config (repeatable), e.g. --option prior_weights=none")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -234,8 +258,19 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     if args.target is not None and args.threshold is not None:
         raise UsageError("give --target or --threshold, not both")
     target = None if args.dense or args.threshold is not None else (args.target if args.target is not None else PRUNE.target)
-    return PruneConfig(target=target, threshold=args.threshold, neuron_group_size=args.group_size,
-                       per_param=args.per_param, recovery_epochs=args.recovery_epochs, allow_empty=args.allow_empty)
+    module = METHODS[args.method][0]
+    distilled = args.distill or module.USES_DISTILLATION
+    set_distill = (args.distill_temperature, args.distill_alpha, args.distill_hidden) != \
+        (DISTILL.temperature, DISTILL.alpha, DISTILL.hidden_weight)
+    if set_distill and not distilled:
+        raise UsageError("--distill-temperature / --distill-alpha / --distill-hidden need --distill")
+    if args.teacher is not None and not distilled:
+        raise UsageError(f"--teacher is used for distillation: add --distill (--method {args.method} does not distil)")
+    distill = DistillConfig(temperature=args.distill_temperature, alpha=args.distill_alpha,
+                            hidden_weight=args.distill_hidden) if distilled else None
+    return PruneConfig(target=target, threshold=args.threshold, kinds=tuple(args.kinds), neuron_group_size=args.group_size,
+                       per_param=args.per_param, recovery_epochs=args.recovery_epochs, allow_empty=args.allow_empty,
+                       distill=distill)
 
 
 # --- the commands ---------------------------------------------------------------------------------------------------
@@ -274,7 +309,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     module = METHODS[args.method][0]
     method_cfg, cfg, train_cfg = method_config(args), prune_config(args), train_config(args, args.seed)
     result = run_prune(args.task, args.out, args.method, module, method_cfg, cfg, args.model, args.glue_dir,
-                       train_cfg, args.max_train, args.overwrite, plots=not args.no_plots)
+                       train_cfg, args.max_train, args.overwrite, plots=not args.no_plots, teacher_path=args.teacher)
     print(format_prune_result(result))
     print(f"written: {args.out} (result.json, pruning.json, pruned/, plots)")
 

@@ -62,8 +62,9 @@ def load_classifier(model_path: str | Path, task: GlueTask) -> BertForSequenceCl
     return BertForSequenceClassification.from_pretrained(model_path, **overrides)
 
 
-def load_trained_classifier(model_path: str | Path, task: GlueTask,
-                            allow_untrained: bool = False) -> BertForSequenceClassification:
+def load_trained_classifier(model_path: str | Path, task: GlueTask, allow_untrained: bool = False,
+                            hint: str = " (pass --allow-untrained-head to evaluate it anyway)"
+                            ) -> BertForSequenceClassification:
     """A fine-tuned classifier for `task`, refusing one whose head was not trained for it (unless allowed).
 
     Refused: a folder without classifier weights (a pre-trained BERT: its head would be random), a head with
@@ -92,7 +93,7 @@ def load_trained_classifier(model_path: str | Path, task: GlueTask,
         problems.append(f"its config.json says it was fine-tuned on {trained.display}, not {task.display}")
     if problems and not allow_untrained:
         raise ValueError(f"{folder}: its classifier head was not trained for {task.display}: " + "; ".join(problems)
-                         + " (pass --allow-untrained-head to evaluate it anyway)")
+                         + hint)
     return BertForSequenceClassification.from_pretrained(folder) if not problems else load_classifier(folder, task)
 
 

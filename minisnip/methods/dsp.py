@@ -56,6 +56,8 @@ from .l0 import check_field
 
 STRUCTURED = True
 USES_DISTILLATION = False
+NEEDS_TARGET = True  # refused without --target, before any training (the recipe checks)
+SCHEDULED = True  # its gates follow a schedule (penalty warm-up / temperature): the last epoch is the one at the target
 DESCRIPTION = "differentiable subset pruning: learned logits, Gumbel-soft top-k gates keeping exactly k (Li et al. 2021)"
 
 ESTIMATORS = ("gumbel", "ste")
@@ -232,6 +234,6 @@ def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
     clear_gates(model)
 
 
-__all__ = ["Config", "DESCRIPTION", "ESTIMATORS", "STRUCTURED", "SubsetGates", "USES_DISTILLATION",
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "ESTIMATORS", "STRUCTURED", "SubsetGates", "USES_DISTILLATION",
            "before_removal", "gumbel_noise", "hard_top_k", "hard_top_k_st", "keep_budget", "scores", "select",
            "soft_top_k", "temperature", "training_hooks"]

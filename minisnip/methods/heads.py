@@ -50,6 +50,8 @@ from .l0 import check_field
 
 STRUCTURED = True
 USES_DISTILLATION = False
+NEEDS_TARGET = True  # refused without --target, before any training (the recipe checks)
+SCHEDULED = False  # the best epoch of fine-tuning is kept
 DESCRIPTION = "gradient importance |dL/dξ| of heads and neuron groups, pruned iteratively (Michel et al. 2019)"
 
 
@@ -233,6 +235,6 @@ def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
     clear_gates(model)
 
 
-__all__ = ["Config", "DESCRIPTION", "STRUCTURED", "Settings", "USES_DISTILLATION", "apply_mask", "before_removal",
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "STRUCTURED", "Settings", "USES_DISTILLATION", "apply_mask", "before_removal",
            "gate_importance", "importance", "iterative_selection", "masked_compression", "normalize_per_layer",
            "scores", "select", "training_hooks"]

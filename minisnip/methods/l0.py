@@ -71,6 +71,8 @@ from ..train import StepContext, TrainHook
 
 STRUCTURED = True
 USES_DISTILLATION = False
+NEEDS_TARGET = True  # refused without --target, before any training (the recipe checks)
+SCHEDULED = True  # its gates follow a schedule (penalty warm-up / temperature): the last epoch is the one at the target
 DESCRIPTION = "L0 gates (hard concrete, Louizos et al. 2018) with CoFi's Lagrangian to an exact compression"
 
 
@@ -281,6 +283,6 @@ def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
     clear_gates(model)
 
 
-__all__ = ["Config", "DESCRIPTION", "L0Gates", "STRUCTURED", "USES_DISTILLATION", "before_removal",
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "L0Gates", "STRUCTURED", "USES_DISTILLATION", "before_removal",
            "deterministic_gates", "expected_compression", "fold_gates", "lagrangian", "prob_open", "sample_gates",
            "scores", "training_hooks"]

@@ -34,6 +34,7 @@ from ..train import TrainHook
 
 STRUCTURED = True
 USES_DISTILLATION = False
+SCHEDULED = False  # the best epoch of fine-tuning is kept
 DESCRIPTION = "structured magnitude: the heads / FFN neuron groups whose weights have the smallest L2 norm go"
 
 
@@ -93,4 +94,4 @@ def before_removal(model: nn.Module, hooks: Sequence[TrainHook]) -> None:
     clear_gates(model)
 
 
-__all__ = ["Config", "DESCRIPTION", "STRUCTURED", "USES_DISTILLATION", "before_removal", "scores", "training_hooks"]
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "STRUCTURED", "USES_DISTILLATION", "before_removal", "scores", "training_hooks"]

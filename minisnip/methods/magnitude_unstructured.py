@@ -49,6 +49,7 @@ from ..train import StepContext, TrainHook
 
 STRUCTURED = False
 USES_DISTILLATION = False
+SCHEDULED = True  # its masks follow a schedule over fine-tuning: the last epoch is the one at the target
 DESCRIPTION = ("unstructured magnitude (Zhu & Gupta 2017): the smallest |W| of the encoder's linear layers go "
                "to zero gradually during fine-tuning, on a cubic schedule")
 
@@ -188,5 +189,5 @@ def before_removal(model: nn.Module, hooks: Sequence[TrainHook]) -> None:
     clear_gates(model)
 
 
-__all__ = ["Config", "DESCRIPTION", "GradualMagnitudeHook", "SCOPES", "STRUCTURED", "USES_DISTILLATION",
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "GradualMagnitudeHook", "SCOPES", "STRUCTURED", "USES_DISTILLATION",
            "before_removal", "keep_largest", "smallest_masks", "training_hooks"]

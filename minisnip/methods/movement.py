@@ -62,6 +62,7 @@ from .magnitude_unstructured import SCOPES, smallest_masks
 
 STRUCTURED = False
 USES_DISTILLATION = False
+SCHEDULED = True  # its masks follow a schedule over fine-tuning: the last epoch is the one at the target
 DESCRIPTION = ("movement pruning (Sanh et al. 2020): learned scores S with W' = W ⊙ M(S); hard: the top-v scores "
                "on a cubic schedule, soft: sigmoid(S) > τ with a penalty; straight-through gradients")
 
@@ -257,6 +258,6 @@ def before_removal(model: nn.Module, hooks: Sequence[TrainHook]) -> None:
     clear_gates(model)
 
 
-__all__ = ["Config", "DESCRIPTION", "MaskState", "MaskedWeight", "MovementHook", "STRUCTURED", "StraightThroughMask",
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "MaskState", "MaskedWeight", "MovementHook", "STRUCTURED", "StraightThroughMask",
            "USES_DISTILLATION", "VARIANTS", "attach_scores", "before_removal", "detach_scores", "soft_mask",
            "soft_penalty", "top_v_masks", "training_hooks"]

@@ -43,6 +43,7 @@ from .movement import StraightThroughMask
 
 STRUCTURED = True
 USES_DISTILLATION = False
+SCHEDULED = True  # its masks follow a schedule over fine-tuning: the last epoch is the one at the target
 DESCRIPTION = ("structured movement: one learned score per head / FFN neuron group, a top-v 0/1 gate mask on the "
                "cubic schedule with straight-through gradients; the lowest scores go")
 

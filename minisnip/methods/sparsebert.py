@@ -36,6 +36,7 @@ from . import magnitude_unstructured
 
 STRUCTURED = False
 USES_DISTILLATION = True
+SCHEDULED = True  # its masks follow a schedule over fine-tuning: the last epoch is the one at the target
 DESCRIPTION = ("knowledge-aware sparse pruning (SparseBERT, Xu et al. 2021): gradual magnitude pruning of single "
                "weights during fine-tuning with distillation from the fine-tuned dense teacher; the paper's "
                "headline keeps 5% of the weights (target 0.95)")
@@ -60,5 +61,5 @@ def before_removal(model: nn.Module, hooks: Sequence[TrainHook]) -> None:
     magnitude_unstructured.before_removal(model, hooks)
 
 
-__all__ = ["Config", "DESCRIPTION", "PAPER_TARGET", "STRUCTURED", "USES_DISTILLATION", "before_removal",
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "PAPER_TARGET", "STRUCTURED", "USES_DISTILLATION", "before_removal",
            "training_hooks"]

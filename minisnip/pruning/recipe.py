@@ -34,7 +34,10 @@ from ..surgery import PruningError
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit
 from .branches import check_kinds, default_group_size, list_branches
-from .compression import COMPRESSION_DEFINITION, encoder_linears, sparsity
+from .compression import (COMPRESSION_DEFINITION, compression, compression_with_zeros,
+                          dense_encoder_linear_params, encoder_linears, sparsity)
+from .distill import DistillConfig, DistillHook
+from .removal import RemovalPlan
 from .removal import apply_pruning
 from .select import select_below_threshold, select_for_target
 
@@ -54,6 +57,7 @@ class PruneConfig:
     calibration_examples: int = 512  # training examples on which scores are measured
     recovery_epochs: int = 1  # fine-tuning epochs after removal
     allow_empty: bool = False  # allow a selection that removes every attention and feed-forward block
+    distill: DistillConfig | None = None  # distil from a fine-tuned dense teacher while fine-tuning (any method)
 
     def __post_init__(self) -> None:
         if self.target is not None and self.threshold is not None:
@@ -85,12 +89,31 @@ def _is_number(x) -> bool:
 
 
 def check_method(method: ModuleType, cfg: PruneConfig) -> None:
-    """Refuse a combination the method cannot do, before any training."""
+    """Refuse a combination the method cannot do, before any training (a method whose training aims at the
+    target sets NEEDS_TARGET = True)."""
+    if cfg.target is None and getattr(method, "NEEDS_TARGET", False):
+        raise ValueError(f"{method.__name__}: this method trains toward a target compression; give --target "
+                         "(a threshold or --dense gives it nothing to aim at)")
     if not method.STRUCTURED and cfg.threshold is not None:
         raise ValueError(f"{method.__name__}: an unstructured method reaches a target sparsity; --threshold is for "
                          "structured methods (it thresholds branch scores)")
     if not method.STRUCTURED and cfg.kinds != PruneConfig.kinds:
         raise ValueError(f"{method.__name__}: branch kinds apply to structured methods only")
+
+
+def check_reachable(model: nn.Module, cfg: PruneConfig) -> None:
+    """Refuse a structured target that removing every candidate branch of `cfg.kinds` still cannot reach."""
+    if cfg.target is None:
+        return
+    plan = RemovalPlan(model, group_size_of(model, cfg))
+    for b in list_branches(model, kinds=cfg.kinds, neuron_group_size=group_size_of(model, cfg)):
+        plan.add(b)
+    reachable = compression(model) + sum(plan.removed_params(i) for i in range(len(plan.layers))) / \
+        dense_encoder_linear_params(model.config)
+    if reachable < cfg.target:
+        raise ValueError(f"--target {cfg.target} cannot be reached by removing branches of kinds {cfg.kinds}: all of "
+                         f"them together are {reachable:.3f} of the encoder ({COMPRESSION_DEFINITION}); add kinds "
+                         "or lower the target")
 
 
 def calibration_batches(data: Encoded, tokenizer: Tokenizer, n: int, batch_size: int, seed: int) -> list[dict]:
@@ -114,7 +137,7 @@ class KeepZeros(TrainHook):
     """Recovery of an unstructured result: the weights that are zero at the start stay zero after every step."""
 
     def __init__(self, model: nn.Module):
-        self.linears = list(encoder_linears(model))
+        self.linears = [lin for _, lin in encoder_linears(model)]
         self.masks = [(m.weight != 0) for m in self.linears]
 
     def after_step(self, ctx: StepContext) -> None:
@@ -134,7 +157,10 @@ class PruneOutcome:
     dev: dict = field(default_factory=dict)
 
 
-def group_size_of(model: nn.Module, cfg: PruneConfig) -> int:
+def group_size_of(model: nn.Module, cfg: PruneConfig) -> int | None:
+    """FFN neurons per branch: the configured size, else 2 * head_dim; None when neurons are not branches."""
+    if "neurons" not in cfg.kinds:
+        return None
     return cfg.neuron_group_size or default_group_size(model)
 
 
@@ -163,15 +189,27 @@ def select_and_remove(model: nn.Module, method: ModuleType, hooks: list[TrainHoo
     return PruneOutcome(scores=scores, removed=report["removed"], branches=table, report=report, tau=tau)
 
 
+def distill_config(method: ModuleType, cfg: PruneConfig) -> DistillConfig | None:
+    """The distillation this run uses: the one asked for, or the default one for a method that always distils."""
+    return cfg.distill if cfg.distill is not None else (DistillConfig() if method.USES_DISTILLATION else None)
+
+
 def finetune_with(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: ModuleType, method_cfg,
                   cfg: PruneConfig, train_cfg: TrainConfig, extra_hooks: Sequence[TrainHook] = (),
-                  restore_best: bool = True):
-    """Steps 1-2: fine-tune with the method's terms (and `extra_hooks`: distillation, observers), then take its
-    additions off. Returns (History, the method's hooks)."""
+                  teacher: nn.Module | None = None, restore_best: bool | None = None):
+    """Steps 1-2: fine-tune with the method's terms (+ distillation from `teacher`, + `extra_hooks` such as
+    observers), then take the method's additions off. Returns (History, the method's hooks).
+
+    restore_best (default: unless the method follows a schedule, whose last epoch is the one at the target)
+    keeps the best epoch's weights."""
+    distill = distill_config(method, cfg)
+    if distill is not None and teacher is None:
+        raise ValueError(f"{method.__name__}: distillation needs a teacher (a model fine-tuned on {data.task.display})")
     total_steps = train_cfg.steps_per_epoch(len(data.train)) * train_cfg.epochs
     hooks = method.training_hooks(model, method_cfg, cfg.target, total_steps, cfg.kinds, group_size_of(model, cfg))
-    history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, hooks=[*hooks, *extra_hooks],
-                  restore_best=restore_best)
+    terms = [DistillHook(teacher, distill)] if distill is not None else []
+    history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, hooks=[*hooks, *terms, *extra_hooks],
+                  restore_best=not method.SCHEDULED if restore_best is None else restore_best)
     method.before_removal(model, hooks)
     return history, hooks
 
@@ -181,7 +219,8 @@ def remove(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: Modul
     """Step 3: a structured method's branches scored, selected and removed; an unstructured one's zeros counted."""
     if not method.STRUCTURED:
         return PruneOutcome(scores={}, removed=[], branches=[], tau=None,
-                            report={"compression": sparsity(model, dense_config)})
+                            report={"compression": compression_with_zeros(model, dense_config),
+                                    "sparsity": sparsity(model)})
     calib = calibration_batches(data.train, tokenizer, cfg.calibration_examples, train_cfg.eval_batch_size,
                                 train_cfg.seed)
     return select_and_remove(model, method, hooks, calib, cfg)
@@ -195,11 +234,14 @@ def recover(model: nn.Module, tokenizer: Tokenizer, data: TaskData, cfg: PruneCo
 
 
 def prune(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: ModuleType, method_cfg, cfg: PruneConfig,
-          train_cfg: TrainConfig, extra_hooks: Sequence[TrainHook] = (), log=print) -> PruneOutcome:
+          train_cfg: TrainConfig, extra_hooks: Sequence[TrainHook] = (), teacher: nn.Module | None = None,
+          log=print) -> PruneOutcome:
     """Steps 1-4 on `model` (a BertForSequenceClassification) in place."""
     check_method(method, cfg)
+    if method.STRUCTURED:
+        check_reachable(model, cfg)
     dense_config = BertConfig.from_dict(model.config.to_dict())
-    history, hooks = finetune_with(model, tokenizer, data, method, method_cfg, cfg, train_cfg, extra_hooks)
+    history, hooks = finetune_with(model, tokenizer, data, method, method_cfg, cfg, train_cfg, extra_hooks, teacher)
     dev = {"finetuned": history.best_metrics,  # fit restored the best epoch: these are its dev scores
            "finetune_history": history.to_dict()}
     if not cfg.prunes:
@@ -232,16 +274,25 @@ def early_threshold_check(model: nn.Module, method: ModuleType, method_cfg, cali
 def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, method_cfg, cfg: PruneConfig,
               model_path: str | Path | None = None, glue_dir: str | Path | None = None,
               train_cfg: TrainConfig | None = None, max_train: int | None = None, overwrite: bool = False,
-              source: str = "auto", plots: bool = True) -> dict:
-    """The `prune` command: writes result.json, pruning.json (branches, scores, why), pruned/ and plots."""
+              source: str = "auto", plots: bool = True, teacher_path: str | Path | None = None) -> dict:
+    """The `prune` command: writes result.json, pruning.json (branches, scores, why), pruned/ and plots.
+
+    With distillation (cfg.distill, or a method that always distils) the teacher is `teacher_path` (a
+    checkpoint fine-tuned on the task), or else a dense copy fine-tuned first by this run (saved in teacher/)."""
     train_cfg = train_cfg or TrainConfig()
     check_method(method, cfg)
+    distill = distill_config(method, cfg)
+    if teacher_path is not None and distill is None:
+        raise ValueError(f"--teacher is only used with --distill (or a method that distils); {method_name} does not")
     model_path = Path(model_path) if model_path is not None else default_model_path()
-    run = RunDir(out, overwrite, inputs={"--model": model_path, "--glue-dir": glue_dir})
+    run = RunDir(out, overwrite, inputs={"--model": model_path, "--glue-dir": glue_dir, "--teacher": teacher_path})
     tokenizer = load_tokenizer(model_path)
     data = load_task_data(task, tokenizer, glue_dir, max_train, seed=train_cfg.seed, max_length=train_cfg.max_length,
                           source=source)
     model = new_classifier(model_path, data.task, train_cfg.seed)
+    if method.STRUCTURED:
+        check_reachable(model, cfg)
+    teacher = load_teacher(teacher_path, data.task, model) if teacher_path is not None else None
     if cfg.threshold is not None:
         calib = calibration_batches(data.train, tokenizer, cfg.calibration_examples, train_cfg.eval_batch_size,
                                     train_cfg.seed)
@@ -252,14 +303,22 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
     result = {"status": "running", "task": data.task.name, "method": method_name, "model": str(model_path),
               "data": data.info, "hparams": asdict(train_cfg), "prune": asdict(cfg), "method_config": asdict(method_cfg),
               "seed": train_cfg.seed, "environment": environment(), "main_metric": main,
-              "compression_definition": COMPRESSION_DEFINITION}
+              "compression_definition": COMPRESSION_DEFINITION,
+              "teacher": str(teacher_path) if teacher_path is not None else None}
     with run.writing() as work:
         write_json(work / "result.json", result)
         t0 = time.perf_counter()
         try:
-            outcome = prune(model, tokenizer, data, method, method_cfg, cfg, train_cfg,
+            if distill is not None and teacher is None:  # the fine-tuned dense model, fine-tuned here first
+                teacher = new_classifier(model_path, data.task, train_cfg.seed)
+                history = fit(teacher, tokenizer, data.task, data.train, data.dev, train_cfg)
+                save_pretrained(teacher, work / "teacher", tokenizer=tokenizer)
+                result["teacher"] = {"fine_tuned_by_this_run": "teacher/", "dev": history.best_metrics}
+            outcome = prune(model, tokenizer, data, method, method_cfg, cfg, train_cfg, teacher=teacher,
                             log=print if train_cfg.progress else (lambda *a: None))
             result["compression"] = outcome.report["compression"]
+            if "sparsity" in outcome.report:
+                result["sparsity"] = outcome.report["sparsity"]
             result["structured"] = method.STRUCTURED
             result["dense_score"] = outcome.dev["finetuned"][split][main]
             result["score"] = outcome.dev.get("pruned", outcome.dev["finetuned"])[split][main]
@@ -292,6 +351,16 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
     return result
 
 
+def load_teacher(path: str | Path, task, student: nn.Module) -> nn.Module:
+    """A teacher for distillation: a checkpoint fine-tuned on `task` (refused otherwise) with the student's vocabulary."""
+    from ..finetune import load_trained_classifier
+    teacher = load_trained_classifier(path, task, hint=" (a teacher must be fine-tuned on the same task)")
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"--teacher {path}: its vocabulary ({teacher.config.vocab_size} tokens) is not the student's "
+                         f"({student.config.vocab_size}); teacher and student must share a tokenizer")
+    return teacher
+
+
 def format_prune_result(result: dict) -> str:
     """One readable block: dense vs pruned score, compression, time."""
     s = result["scores"]
@@ -304,7 +373,9 @@ def format_prune_result(result: dict) -> str:
     if "pruned_before_recovery" in s:
         lines.append(f"{'pruned, before recovery':<26} {100 * s['pruned_before_recovery'][split][main]:>14.2f}")
         lines.append(f"{'pruned + recovery':<26} {100 * s['pruned'][split][main]:>14.2f}")
-    lines.append(f"compression {result['compression']:.3f} = {result['compression_definition']}")
+    lines.append(f"compression {result['compression']:.3f} = {result['compression_definition']}"
+                 + (f"; sparsity {result['sparsity']:.3f} (share of its weights that are zero)" if "sparsity" in result
+                    else ""))
     return "\n".join(lines)
 
 

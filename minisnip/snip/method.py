@@ -26,6 +26,7 @@ from .spectral import apply_spectral_norm, remove_spectral_norm
 
 STRUCTURED = True
 USES_DISTILLATION = False
+SCHEDULED = False  # the best epoch of fine-tuning is kept
 DESCRIPTION = "SNIP (Lin et al. 2020): identity prior + spectral normalization, threshold the function norms"
 
 
@@ -86,4 +87,4 @@ def scores_at_load(model: nn.Module, cfg: Config, calib: list[dict], kinds: tupl
     return function_norms(model, calib, kinds=kinds, neuron_group_size=group_size)
 
 
-__all__ = ["Config", "DESCRIPTION", "STRUCTURED", "USES_DISTILLATION", "before_removal", "scores", "scores_at_load", "training_hooks"]
+__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "STRUCTURED", "USES_DISTILLATION", "before_removal", "scores", "scores_at_load", "training_hooks"]
