@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-empty", action="store_true", help="allow removing every attention and FFN block")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(PRUNE.kinds),
                    help="branch kinds a structured method scores and removes (%(default)s)")
-    p.add_argument("--group-size", type=integer(1), default=PRUNE.neuron_group_size,
+    p.add_argument("--neuron-group-size", type=integer(1), default=PRUNE.neuron_group_size,
                    help="FFN neurons per branch (default 2 x head_dim)")
     p.add_argument("--per-param", action="store_true", help="rank branches by score per parameter")
     p.add_argument("--recovery-epochs", type=integer(0), default=PRUNE.recovery_epochs,
@@ -268,7 +268,8 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
         raise UsageError(f"--teacher is used for distillation: add --distill (--method {args.method} does not distil)")
     distill = DistillConfig(temperature=args.distill_temperature, alpha=args.distill_alpha,
                             hidden_weight=args.distill_hidden) if distilled else None
-    return PruneConfig(target=target, threshold=args.threshold, kinds=tuple(args.kinds), neuron_group_size=args.group_size,
+    return PruneConfig(target=target, threshold=args.threshold, kinds=tuple(args.kinds),
+                       neuron_group_size=args.neuron_group_size,
                        per_param=args.per_param, recovery_epochs=args.recovery_epochs, allow_empty=args.allow_empty,
                        distill=distill)
 

@@ -124,16 +124,16 @@ class Attention(nn.Module):
         """Columns of `out.weight` that map head h's (local index) context into the hidden space."""
         return slice(h * self.head_dim, (h + 1) * self.head_dim)
 
-    def context(self, x: Tensor, mask: Tensor | None = None, first_query_only: bool = False,
+    def context(self, x: Tensor, mask: Tensor | None = None, cls_only: bool = False,
                 packing: Packing | None = None) -> Tensor:
         """All heads at once: (batch, seq, hidden) -> (batch, heads, seq, head_dim), gated per head if set.
 
-        first_query_only: attend from position 0 ([CLS]) alone, over all keys and values, giving
+        cls_only: attend from position 0 ([CLS]) alone, over all keys and values, giving
         (batch, heads, 1, head_dim); the queries of the other positions are never computed.
         packing: x is packed, (tokens, hidden); Q, K, V are computed for the real tokens, then unpacked.
         """
         n, d = self.num_heads, self.head_dim
-        if first_query_only:  # the Q rows of W_QKV for token 0, the K and V rows for every token
+        if cls_only:  # the Q rows of W_QKV for token 0, the K and V rows for every token
             b, s, _ = x.shape
             w, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(x[:, :1], w[:n * d], bias[:n * d]).view(b, 1, n, d).transpose(1, 2)
@@ -269,18 +269,18 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                first_token_only: bool = False, packing: Packing | None = None) -> Tensor:
-        """(batch, seq, hidden) -> (batch, seq, hidden); with first_token_only, the output at position 0 only
+                cls_only: bool = False, packing: Packing | None = None) -> Tensor:
+        """(batch, seq, hidden) -> (batch, seq, hidden); with cls_only, the output at position 0 only
         (batch, 1, hidden), which still attends over every position of x. With `packing`, x and the result
         are the real tokens only, (tokens, hidden)."""
         # attention sub-layer: h = LN(x + Attn(x)); a removed block contributes 0, so h = LN(x)
         ctx = a = None
-        if first_token_only:
+        if cls_only:
             x, keys = x[:, :1], x
         if self.attention is None:
             h = self.attention_norm(x)
         else:
-            ctx = self.attention.context(keys, mask, first_query_only=True) if first_token_only \
+            ctx = self.attention.context(keys, mask, cls_only=True) if cls_only \
                 else self.attention.context(x, mask, packing=packing)
             a = self.attention.project(ctx, packing)
             h = self.attention_norm(x + self.dropout(a))
@@ -386,7 +386,7 @@ class BertModel(nn.Module):
         for i, layer in enumerate(self.layers):
             if cls_only and i == len(self.layers) - 1:  # the last layer, for [CLS] only, on the padded layout
                 x = x if packing is None else packing.unpack(x)
-                return layer(x, mask, first_token_only=True)
+                return layer(x, mask, cls_only=True)
             x = layer(x, mask, trace, packing=packing)
         if packing is not None:
             return packing.unpack(x)

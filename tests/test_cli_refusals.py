@@ -150,7 +150,7 @@ def test_evaluate_refuses_a_head_of_another_task(finished_run, glue_fixtures_dir
     ("--prior-lambda", "nan", "not a finite number"), ("--prior-lambda", "-1", "outside"),
     ("--prior-warmup", "inf", "not a finite number"), ("--lr", "0", "outside"), ("--lr", "nan", "not a finite"),
     ("--target", "1", "outside"), ("--target", "nan", "not a finite"), ("--threshold", "-0.5", "outside"),
-    ("--threshold", "nan", "not a finite"), ("--group-size", "0", "below 1"), ("--sn-bound", "abc", "'init'"),
+    ("--threshold", "nan", "not a finite"), ("--neuron-group-size", "0", "below 1"), ("--sn-bound", "abc", "'init'"),
     ("--sn-bound", "0", "'init'"), ("--epochs", "0", "below 1"), ("--max-train", "-3", "below 1"),
     ("--warmup", "1", "outside"), ("--recovery-epochs", "-1", "below 0"), ("--option", "prior_lambda", "NAME=VALUE"),
 ])

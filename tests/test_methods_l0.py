@@ -125,26 +125,43 @@ def test_short_fit_moves_expected_compression_to_the_target(tiny_folder, glue_fi
     scores = l0.scores(model, hooks, [], ("head", "neurons"), 16)
     assert set(scores) == {b.name for b in branches}
     names = select_for_target(branches, scores, 0.5, model=model)
-    ids = torch.randint(5, 1000, (2, 10))
-    gated = copy.deepcopy(model)  # test-time gates on the kept branches, 0 on the removed ones
-    layout = hooks[0].layout
     gone = set(names)
-    zhat = hooks[0].deterministic().cpu()
-    values = torch.tensor([0.0 if (b.name in gone or b.parent in gone) else float(zhat[j])
-                           for j, b in enumerate(branches)])
-    assert ((values > 0) & (values < 1)).any()  # some kept gates are fractional: folding has work to do
-    layout.apply(gated, values)
-    for i, layer in enumerate(gated.bert.layers):  # a removed block takes its bias along
-        if f"layer{i}.attention" in gone:
-            layer.attention.gate = torch.tensor(0.0)
-        if f"layer{i}.ffn" in gone:
-            layer.ffn.gate = torch.tensor(0.0)
+    keep = torch.tensor([0.0 if (b.name in gone or b.parent in gone) else 1.0 for b in branches])
+    # fit's last evaluation saw exactly this selection (eval_gates="selection")
+    assert torch.equal(model.bert.layers[0].attention.head_gate, keep[:4])
+    gated = copy.deepcopy(model)
+    hooks[0].layout.apply(gated, keep)
+    _zero_emptied_blocks(gated, gone)
     l0.before_removal(model, hooks)
     assert all(layer.attention is None or layer.attention.head_gate is None for layer in model.bert.layers)
     report = apply_pruning(model, names, neuron_group_size=16)
     assert 0.5 <= report["compression"] < 0.5 + 1100 / report["dense_params"]
+    ids = torch.randint(5, 1000, (2, 10))
     gated.eval(), model.eval()
     assert torch.allclose(gated(ids), model(ids), atol=1e-5)
+
+
+def _zero_emptied_blocks(model, gone):
+    for i, layer in enumerate(model.bert.layers):  # a removed block takes its bias along
+        if f"layer{i}.attention" in gone:
+            layer.attention.gate = torch.tensor(0.0)
+        if f"layer{i}.ffn" in gone:
+            layer.ffn.gate = torch.tensor(0.0)
+
+
+def test_folding_the_test_time_gates_keeps_the_gated_function(tiny_model):
+    model = tiny_model(minisnip.BertForSequenceClassification)
+    [hook] = l0.training_hooks(model, l0.Config(fold_gates=True), 0.3, 10, ("head", "neurons"), 32)
+    with torch.no_grad():
+        hook.log_alpha.copy_(torch.linspace(-3.0, 3.0, len(hook.names)))
+    zhat = hook.deterministic()
+    assert ((zhat > 0) & (zhat < 1)).sum() >= 4 and (zhat == 0).any() and (zhat == 1).any()
+    ids, mask = _inputs()
+    hook.layout.apply(model, zhat)
+    expected = model(ids, mask)
+    l0.before_removal(model, [hook])
+    assert model.bert.layers[0].ffn.neuron_gate is None
+    assert torch.allclose(model(ids, mask), expected, atol=1e-5)
 
 
 def test_heads_only_and_config_checks(tiny_model):
@@ -154,9 +171,10 @@ def test_heads_only_and_config_checks(tiny_model):
     assert set(l0.scores(model, [hook], [], ("head",), 32)) == set(hook.names)
     l0.before_removal(model, [hook])
     for field, bad in [("lr", 0.0), ("lambda_lr", float("nan")), ("target_warmup", 1.5), ("init_drop", 1.0),
-                       ("gamma", 0.1), ("zeta", 0.9), ("beta", -1.0), ("log_alpha_limit", float("inf"))]:
+                       ("gamma", 0.1), ("zeta", 0.9), ("beta", -1.0), ("log_alpha_limit", float("inf")),
+                       ("fold_gates", 1), ("eval_gates", "soft")]:
         with pytest.raises(ValueError, match=field):
             l0.Config(**{field: bad})
-    for bad in (1.0, None):
+    for bad in (1.0, None, 0.5):  # 0.5: heads own only a third of the encoder
         with pytest.raises(ValueError, match="target"):
             l0.training_hooks(model, l0.Config(), bad, 5, ("head",), 32)

@@ -129,8 +129,10 @@ def test_kind_validation():
     m = tiny_model(layers=1)
     with pytest.raises(ValueError, match="unknown"):
         list_branches(m, ("heads",))
+    # neuron groups without a size: 2 * head_dim, as everywhere
+    assert list_branches(m, ("neurons",)) == list_branches(m, ("neurons",), neuron_group_size=2 * m.config.head_dim)
     with pytest.raises(ValueError, match="neuron_group_size"):
-        list_branches(m, ("neurons",))
+        list_branches(m, ("neurons",), neuron_group_size=0)
     with pytest.raises(ValueError, match="neuron_group_size"):
         list_branches(m, ("ffn",), neuron_group_size=4)
 

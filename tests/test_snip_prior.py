@@ -41,6 +41,8 @@ def make_batch(b=3, s=8, seed=1):
 
 
 def prior_of(model, ids, mask, **kw):
+    """The prior of one batch; these tests penalise heads and FFN blocks unless told otherwise."""
+    kw.setdefault("kinds", ("head", "ffn"))
     trace = []
     model(ids, mask, trace=trace)
     return identity_prior(model, trace, mask, **kw)
@@ -59,6 +61,19 @@ def test_value_is_sum_of_function_norms():
     norms = function_norms(m, [{"input_ids": ids, "attention_mask": mask}],
                            kinds=("head", "attention", "ffn", "neurons"), neuron_group_size=10)
     assert r_all.item() == pytest.approx(sum(norms.values()), rel=1e-5)
+
+
+def test_default_kinds_are_the_recipes():
+    """One default everywhere: heads and FFN neuron groups of 2 * head_dim (pruning.branches.DEFAULT_KINDS)."""
+    from minisnip.pruning.branches import DEFAULT_KINDS
+    m = make_model()
+    ids, mask = make_batch()
+    trace = []
+    with torch.no_grad():
+        m(ids, mask, trace=trace)
+        default = identity_prior(m, trace, mask)
+        explicit = identity_prior(m, trace, mask, kinds=DEFAULT_KINDS, neuron_group_size=2 * m.config.head_dim)
+    assert DEFAULT_KINDS == ("head", "neurons") and default.item() == explicit.item()
 
 
 def test_weights():

@@ -158,8 +158,8 @@ class SubsetGates(TrainHook):
     """The logits w, the annealed temperature, and the relaxed k-hot gates written before every forward."""
 
     def __init__(self, model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
-                 group_size: int | None) -> None:
-        self.branches = list_branches(model, kinds, group_size if "neurons" in kinds else None)
+                 neuron_group_size: int | None) -> None:
+        self.branches = list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)
         self.k = keep_budget(model, self.branches, target)  # checks the target first
         self.model, self.cfg, self.target = model, cfg, float(target)
         self.names = [b.name for b in self.branches]
@@ -197,9 +197,9 @@ class SubsetGates(TrainHook):
 # --- the method contract -------------------------------------------------------------------------------------
 
 def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
-                   group_size: int) -> list[TrainHook]:
+                   neuron_group_size: int) -> list[TrainHook]:
     """One `SubsetGates` hook: logits on every branch of `kinds`, k = keep_budget(target)."""
-    return [SubsetGates(model, cfg, target, total_steps, kinds, group_size)]
+    return [SubsetGates(model, cfg, target, total_steps, kinds, neuron_group_size)]
 
 
 def _hook(hooks: Sequence[TrainHook]) -> SubsetGates:
@@ -210,21 +210,21 @@ def _hook(hooks: Sequence[TrainHook]) -> SubsetGates:
 
 
 def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
-           group_size: int) -> dict[str, float]:
+           neuron_group_size: int) -> dict[str, float]:
     """The learned logits w by branch name (`calib` is not needed)."""
     hook = _hook(hooks)
-    if [b.name for b in list_branches(model, kinds, group_size if "neurons" in kinds else None)] != hook.names:
+    if [b.name for b in list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)] != hook.names:
         raise ValueError("the model's branches changed since the logits were made (pruned in between?)")
     return dict(zip(hook.names, hook.logits.detach().cpu().tolist()))
 
 
-def select(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...], group_size: int,
+def select(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...], neuron_group_size: int,
            target: float) -> list[str]:
     """Remove all but the k branches with the largest logits (canonical names): exactly k stay."""
     hook = _hook(hooks)
     if target != hook.target:
         raise ValueError(f"DSP was trained for target {hook.target}, asked to select for {target}")
-    w = scores(model, hooks, calib, kinds, group_size)
+    w = scores(model, hooks, calib, kinds, neuron_group_size)
     kept = set(sorted(w, key=w.get, reverse=True)[:hook.k])
     return canonical_names(model, [b for b in hook.branches if b.name not in kept])
 

@@ -205,28 +205,28 @@ def iterative_selection(model: nn.Module, calib: list[dict], branches: Sequence[
 # --- the method contract -------------------------------------------------------------------------------------
 
 def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
-                   group_size: int) -> list[TrainHook]:
+                   neuron_group_size: int) -> list[TrainHook]:
     """Plain fine-tuning: one inert hook carrying `cfg` (no training term, no gates)."""
     return [Settings(cfg)]
 
 
-def _branches(model: nn.Module, kinds: tuple[str, ...], group_size: int | None) -> list[Branch]:
-    return list_branches(model, kinds, group_size if "neurons" in kinds else None)
+def _branches(model: nn.Module, kinds: tuple[str, ...], neuron_group_size: int | None) -> list[Branch]:
+    return list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)
 
 
 def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
-           group_size: int) -> dict[str, float]:
+           neuron_group_size: int) -> dict[str, float]:
     """One-shot importance of every branch on the unmasked model (the first iteration of `select`)."""
-    return importance(model, calib, _branches(model, kinds, group_size), _cfg(hooks))
+    return importance(model, calib, _branches(model, kinds, neuron_group_size), _cfg(hooks))
 
 
-def select(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...], group_size: int,
+def select(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...], neuron_group_size: int,
            target: float) -> list[str]:
     """The branches to remove: iterative masking by recomputed importance until `target` (canonical names)."""
     if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
         raise ValueError(f"iterative head-importance pruning runs to a target compression in (0, 1), got "
                          f"target={target!r}; with a threshold, select by `scores` (one-shot importance)")
-    names, _ = iterative_selection(model, calib, _branches(model, kinds, group_size), target, _cfg(hooks))
+    names, _ = iterative_selection(model, calib, _branches(model, kinds, neuron_group_size), target, _cfg(hooks))
     return names
 
 

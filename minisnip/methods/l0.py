@@ -22,6 +22,9 @@ P = encoder linear-layer weights of the model as it is (`pruning.compression`), 
 (CoFi's "Lagrangian warm-up"; their scripts use 2 of 20 epochs on the large GLUE tasks, 20 of 100 on the
 small ones), starting from ŝ at initialisation (CoFi's code starts from 0: the multipliers would first
 push the gates *open* to meet t ≈ 0, measured on the tiny test model: ŝ 0.16 -> 0.03 before turning).
+minisnip's default warm-up is half of the steps, not CoFi's tenth: its runs are short, and a target met
+early leaves the multipliers too large to stop (MiniLM, SST-2, 384 examples, 72 steps, target 0.5: with a
+warm-up of 0.2, ŝ ran on to 0.80 and ended at 0.79; with 0.5 it peaked at 0.58 and ended at 0.46).
 
 Reconstructed where the papers (or this library) leave a choice:
 
@@ -41,16 +44,20 @@ Reconstructed where the papers (or this library) leave a choice:
 * initialisation: log α = log((1 - p)/p) with p = `init_drop` = 0.5, plus N(0, 0.01²) noise (CoFi's code,
   for FFN dimensions); log α is clamped to ±`log_alpha_limit` = log 100 after each step (the range of
   the `constrain_parameters` in CoFi's L0 module), so that a closed gate can still reopen.
-* evaluation during fit (end of each epoch) and `scores` use the test-time gate ẑ; `epoch_log` writes it
-  into the model before fit evaluates, the next step samples again.
+* evaluation during fit (end of each epoch): `epoch_log` writes, before fit evaluates, the gates of the
+  selection that would be made now (1 on the branches that `select_for_target` by log α keeps, 0 on the
+  rest; `eval_gates="selection"`), so the dev scores are those of the model as it would be pruned (the
+  bias of an emptied block still counts there); `eval_gates="test_time"` writes Louizos et al.'s ẑ
+  instead. The next step samples again.
 * ẑ and P(z ≠ 0) disagree in between: ẑ = 0 once log α < -log 11 ≈ -2.4, where P(z ≠ 0) is still 0.31,
   so when ŝ = t many ẑ may be fractional (or already 0); only the order of log α decides what is removed.
 * scores = log α: ẑ is a non-decreasing function of log α, so sorting by log α is sorting by ẑ with its many
   ties at 0 and 1 broken by log α; `select_for_target` then reaches the target exactly (within one branch).
-* before removal, ẑ of every branch kept is folded into its weights (`fold_gates`): head h's columns of W_O,
-  neuron i's column of W_2 (a block gate: the block's output matrix and bias) are scaled by ẑ, so the kept
-  model computes what it was trained to compute (CoFi multiplies the remaining weights by z likewise). Then
-  the gates go (`clear_gates`).
+* before removal the gates go (`clear_gates`): the kept branches count in full. `fold_gates=True` instead
+  folds ẑ into the weights first (head h's columns of W_O, neuron i's column of W_2 scaled by ẑ; CoFi
+  multiplies the remaining weights by its z likewise); not the default, since in short runs the gates do
+  not polarise: ŝ = 0.5 with gates alike means log α ≈ -1.6 each, where ẑ = 0.07, and folding would shrink
+  every kept branch fourteen-fold (or, where ẑ = 0, silence a branch the selection kept).
 * block biases b_O, b_2 (H numbers per block) are counted as kept in ŝ; removing a whole block removes them
   too, so the realised compression can only be higher.
 """
@@ -66,6 +73,7 @@ from torch import Tensor, nn
 from ..pruning.branches import list_branches
 from ..pruning.compression import dense_encoder_linear_params, encoder_linear_params
 from ..pruning.gates import GateLayout, clear_gates
+from ..pruning.select import select_for_target
 from ..surgery import encoder_of
 from ..train import StepContext, TrainHook
 
@@ -75,6 +83,8 @@ NEEDS_TARGET = True  # refused without --target, before any training (the recipe
 SCHEDULED = True  # its gates follow a schedule (penalty warm-up / temperature): the last epoch is the one at the target
 DESCRIPTION = "L0 gates (hard concrete, Louizos et al. 2018) with CoFi's Lagrangian to an exact compression"
 
+EVAL_GATES = ("selection", "test_time")
+
 
 @dataclass
 class Config:
@@ -82,14 +92,15 @@ class Config:
 
     lr: float = 0.1  # learning rate of log α (CoFi: 0.01 over 20 epochs; see module doc)
     lambda_lr: float = 0.1  # learning rate of the ascent on λ1, λ2
-    target_warmup: float = 0.2  # share of the steps over which t ramps from the initial ŝ to the target
+    target_warmup: float = 0.5  # share of the steps over which t ramps from the initial ŝ to the target
     init_drop: float = 0.5  # initial drop rate p: log α = log((1 - p) / p)
     init_noise: float = 0.01  # std of the noise on the initial log α
     log_alpha_limit: float = math.log(100.0)  # |log α| is clamped to this after each step
     beta: float = 2.0 / 3.0  # temperature of the hard concrete distribution
     gamma: float = -0.1  # stretch: lower end (< 0)
     zeta: float = 1.1  # stretch: upper end (> 1)
-    fold_gates: bool = True  # fold the test-time gates of kept branches into their weights before removal
+    fold_gates: bool = False  # fold the test-time gates ẑ of kept branches into their weights before removal
+    eval_gates: str = "selection"  # gates for fit's evaluations: "selection" (0/1 as pruned now) or "test_time" (ẑ)
 
     def __post_init__(self) -> None:
         check_field(self, "lr", lambda v: v > 0, "a finite number > 0")
@@ -103,6 +114,8 @@ class Config:
         check_field(self, "zeta", lambda v: v > 1, "a finite number > 1")
         if not isinstance(self.fold_gates, bool):
             raise ValueError(f"fold_gates must be True or False, got fold_gates={self.fold_gates!r}")
+        if self.eval_gates not in EVAL_GATES:
+            raise ValueError(f"eval_gates must be one of {EVAL_GATES}, got eval_gates={self.eval_gates!r}")
 
 
 def check_field(cfg: object, name: str, ok, what: str) -> None:
@@ -151,7 +164,7 @@ class L0Gates(TrainHook):
     """Samples the gates each step, adds the Lagrangian, and turns the optimiser's λ step into an ascent step."""
 
     def __init__(self, model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
-                 group_size: int | None) -> None:
+                 neuron_group_size: int | None) -> None:
         if ("head" in kinds and "attention" in kinds) or ("neurons" in kinds and "ffn" in kinds):
             raise ValueError(f"kinds {kinds} gate a block and its parts at once: its weights would count twice")
         if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
@@ -159,11 +172,15 @@ class L0Gates(TrainHook):
                              "(a threshold, or no pruning at all, gives them nothing to aim at)")
         self.model, self.cfg, self.target = model, cfg, float(target)
         self.total_steps = max(1, int(total_steps))
-        self.branches = list_branches(model, kinds, group_size if "neurons" in kinds else None)
+        self.branches = list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)
         self.names = [b.name for b in self.branches]
         self.layout = GateLayout(model, self.branches)
         enc = encoder_of(model)
         self.present, self.dense = encoder_linear_params(enc), dense_encoder_linear_params(enc.config)
+        reachable = 1 - (self.present - sum(b.params for b in self.branches)) / self.dense
+        if reachable < target:
+            raise ValueError(f"target {target} is out of reach: closing every gate of {kinds} gives compression "
+                             f"{reachable:.4f}")
         device = next(model.parameters()).device
         init = math.log((1 - cfg.init_drop) / cfg.init_drop)
         self.log_alpha = nn.Parameter(init + cfg.init_noise * torch.randn(len(self.branches), device=device))
@@ -217,23 +234,30 @@ class L0Gates(TrainHook):
     def after_step(self, ctx: StepContext) -> None:
         self.log_alpha.clamp_(-self.cfg.log_alpha_limit, self.cfg.log_alpha_limit)
 
+    def selection_gates(self) -> Tensor:
+        """1 on the branches that selecting by log α for the target keeps now, 0 on those it removes."""
+        names = set(select_for_target(self.branches, dict(zip(self.names, self.log_alpha.detach().tolist())),
+                                      self.target, model=self.model, allow_empty=True))
+        gone = [b.name in names or b.parent in names for b in self.branches]
+        return torch.tensor([0.0 if g else 1.0 for g in gone], device=self.log_alpha.device)
+
     def epoch_log(self) -> dict:
-        """Writes the test-time gates ẑ for the evaluation that follows; reports ŝ, t, λ and the gates at 0 / 1."""
-        gates = self.deterministic()
-        self.layout.apply(self.model, gates)
+        """Writes the gates for the evaluation that follows (cfg.eval_gates); reports ŝ, t, λ and ẑ at 0 / 1."""
+        zhat = self.deterministic()
+        self.layout.apply(self.model, self.selection_gates() if self.cfg.eval_gates == "selection" else zhat)
         with torch.no_grad():
             s_hat = float(self.expected_compression())
         return {"expected_compression": s_hat, "target_now": self.target_now, "lambda1": float(self.lambda1.detach()),
-                "lambda2": float(self.lambda2.detach()), "gates_closed": int((gates == 0).sum()),
-                "gates_open": int((gates == 1).sum())}
+                "lambda2": float(self.lambda2.detach()), "gates_closed": int((zhat == 0).sum()),
+                "gates_open": int((zhat == 1).sum())}
 
 
 # --- the method contract -------------------------------------------------------------------------------------
 
 def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
-                   group_size: int) -> list[TrainHook]:
+                   neuron_group_size: int) -> list[TrainHook]:
     """One `L0Gates` hook: hard concrete gates on every branch of `kinds`, held to `target` by the Lagrangian."""
-    return [L0Gates(model, cfg, target, total_steps, kinds, group_size)]
+    return [L0Gates(model, cfg, target, total_steps, kinds, neuron_group_size)]
 
 
 def _hook(hooks: list[TrainHook]) -> L0Gates:
@@ -244,12 +268,12 @@ def _hook(hooks: list[TrainHook]) -> L0Gates:
 
 
 def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
-           group_size: int) -> dict[str, float]:
+           neuron_group_size: int) -> dict[str, float]:
     """log α of every branch: sorts as the test-time gate ẑ does, ties at ẑ = 0 and 1 broken by log α.
 
     `calib` is not needed (the gates were learned during fine-tuning)."""
     hook = _hook(hooks)
-    names = [b.name for b in list_branches(model, kinds, group_size if "neurons" in kinds else None)]
+    names = [b.name for b in list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)]
     if names != hook.names:
         raise ValueError("the model's branches changed since the gates were made (pruned in between?)")
     return dict(zip(hook.names, hook.log_alpha.detach().cpu().tolist()))
@@ -283,6 +307,6 @@ def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
     clear_gates(model)
 
 
-__all__ = ["Config", "DESCRIPTION", "SCHEDULED", "L0Gates", "STRUCTURED", "USES_DISTILLATION", "before_removal",
+__all__ = ["Config", "DESCRIPTION", "EVAL_GATES", "SCHEDULED", "L0Gates", "STRUCTURED", "USES_DISTILLATION", "before_removal",
            "deterministic_gates", "expected_compression", "fold_gates", "lagrangian", "prob_open", "sample_gates",
            "scores", "training_hooks"]

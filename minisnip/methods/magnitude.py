@@ -44,7 +44,7 @@ class Config:
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int,
-                   kinds: tuple[str, ...], group_size: int | None) -> list[TrainHook]:
+                   kinds: tuple[str, ...], neuron_group_size: int | None) -> list[TrainHook]:
     """None: magnitude pruning fine-tunes plainly."""
     return []
 
@@ -71,12 +71,12 @@ def _powered_sums(model: nn.Module, p: float = 2.0) -> tuple[list[Tensor | None]
 
 @torch.no_grad()
 def scores(model: nn.Module, hooks: Sequence[TrainHook], calib: list[dict], kinds: tuple[str, ...],
-           group_size: int | None, p: float = 2.0) -> dict[str, float]:
-    """{branch name: L_p norm (default L2) of the weights it owns} for list_branches(model, kinds, group_size)."""
+           neuron_group_size: int | None, p: float = 2.0) -> dict[str, float]:
+    """{branch name: L_p norm (default L2) of the weights it owns} for list_branches(model, kinds, neuron_group_size)."""
     heads, neurons = _powered_sums(model, p)
     enc = encoder_of(model)
     out: dict[str, float] = {}
-    for b in list_branches(model, kinds, group_size):
+    for b in list_branches(model, kinds, neuron_group_size):
         if b.kind == "head":
             s = heads[b.layer][enc.layers[b.layer].attention.heads.index(b.index)]
         elif b.kind == "attention":

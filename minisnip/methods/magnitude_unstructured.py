@@ -176,8 +176,8 @@ class GradualMagnitudeHook(TrainHook):
 # --- the method contract -------------------------------------------------------------------------------------
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int,
-                   kinds: tuple[str, ...] = (), group_size: int | None = None) -> list[TrainHook]:
-    """One `GradualMagnitudeHook` (kinds and group_size do not apply to single weights)."""
+                   kinds: tuple[str, ...] = (), neuron_group_size: int | None = None) -> list[TrainHook]:
+    """One `GradualMagnitudeHook` (kinds and neuron_group_size do not apply to single weights)."""
     return [GradualMagnitudeHook(model, target, total_steps, cfg)]
 
 

@@ -245,8 +245,8 @@ class MovementHook(TrainHook):
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int,
-                   kinds: tuple[str, ...] = (), group_size: int | None = None) -> list[TrainHook]:
-    """One `MovementHook` (kinds and group_size do not apply to single weights)."""
+                   kinds: tuple[str, ...] = (), neuron_group_size: int | None = None) -> list[TrainHook]:
+    """One `MovementHook` (kinds and neuron_group_size do not apply to single weights)."""
     return [MovementHook(model, target, total_steps, cfg)]
 
 

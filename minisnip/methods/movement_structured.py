@@ -2,7 +2,7 @@
 
 Sanh, Wolf & Rush (NeurIPS 2020) learn one score per weight (`movement.py`); here, as in the structured
 follow-ups of their method (e.g. Lagunas et al. 2021, block movement pruning), one score S_m per branch m of
-`list_branches(model, kinds, group_size)`: a head, an FFN neuron group (or a whole block). The branch's
+`list_branches(model, kinds, neuron_group_size)`: a head, an FFN neuron group (or a whole block). The branch's
 output is multiplied by its mask value through the model's gates (`pruning.gates.GateLayout`):
 
     g_m = M_m(S),  M = the top-v branches by score: the lowest-scored branches are masked until the
@@ -74,13 +74,13 @@ class BranchMovementHook(TrainHook):
     """One score per branch, a 0/1 top-v mask through the gates each step (see the module doc)."""
 
     def __init__(self, model: nn.Module, target: float | None, total_steps: int, kinds: Sequence[str],
-                 group_size: int | None, cfg: Config):
+                 neuron_group_size: int | None, cfg: Config):
         self.model, self.cfg = model, cfg
         self.target = float(target) if target is not None else 0.0
         self.total_steps = total_steps
         self.warmup_steps, self.cooldown_steps = schedule_steps(total_steps, cfg.warmup, cfg.cooldown)
-        self.kinds, self.group_size = tuple(kinds), group_size
-        self.branches = list_branches(model, kinds, group_size)
+        self.kinds, self.neuron_group_size = tuple(kinds), neuron_group_size
+        self.branches = list_branches(model, kinds, neuron_group_size)
         self.names = [b.name for b in self.branches]
         self.layout = GateLayout(model, self.branches)
         self.scores = nn.Parameter(torch.full((len(self.branches),), float(cfg.init_score)))
@@ -123,21 +123,21 @@ class BranchMovementHook(TrainHook):
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int,
-                   kinds: tuple[str, ...], group_size: int | None) -> list[TrainHook]:
-    """One `BranchMovementHook` over list_branches(model, kinds, group_size)."""
-    return [BranchMovementHook(model, target, total_steps, kinds, group_size, cfg)]
+                   kinds: tuple[str, ...], neuron_group_size: int | None) -> list[TrainHook]:
+    """One `BranchMovementHook` over list_branches(model, kinds, neuron_group_size)."""
+    return [BranchMovementHook(model, target, total_steps, kinds, neuron_group_size, cfg)]
 
 
 def scores(model: nn.Module, hooks: Sequence[TrainHook], calib: list[dict], kinds: tuple[str, ...],
-           group_size: int | None) -> dict[str, float]:
+           neuron_group_size: int | None) -> dict[str, float]:
     """The learned score of every branch (lower = removed first); calib is not needed."""
     hook = next((h for h in hooks if isinstance(h, BranchMovementHook)), None)
     if hook is None:
         raise ValueError("movement-structured scores come from its training hook; none among the hooks given")
-    wanted = [b.name for b in list_branches(model, kinds, group_size)]
+    wanted = [b.name for b in list_branches(model, kinds, neuron_group_size)]
     if wanted != hook.names:
         raise ValueError("the branches asked for differ from those the scores were learned on (kinds "
-                         f"{tuple(kinds)} / group size {group_size} vs {hook.kinds} / {hook.group_size})")
+                         f"{tuple(kinds)} / group size {neuron_group_size} vs {hook.kinds} / {hook.neuron_group_size})")
     return hook.score_dict()
 
 

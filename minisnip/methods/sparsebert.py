@@ -51,9 +51,9 @@ Config = magnitude_unstructured.Config
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int,
-                   kinds: tuple[str, ...] = (), group_size: int | None = None) -> list[TrainHook]:
+                   kinds: tuple[str, ...] = (), neuron_group_size: int | None = None) -> list[TrainHook]:
     """Gradual magnitude pruning's hook (the recipe adds the distillation hook)."""
-    return magnitude_unstructured.training_hooks(model, cfg, target, total_steps, kinds, group_size)
+    return magnitude_unstructured.training_hooks(model, cfg, target, total_steps, kinds, neuron_group_size)
 
 
 def before_removal(model: nn.Module, hooks: Sequence[TrainHook]) -> None:

@@ -94,6 +94,18 @@ def parse_name(name: str) -> tuple[int, str, int | None]:
     return layer, "neurons", int(m.group(7))
 
 
+DEFAULT_KINDS = ("head", "neurons")
+"""The branches pruned when nothing else is said: heads and FFN neuron groups (of `default_group_size`)."""
+
+
+def resolve_kinds(model: nn.Module, kinds: Iterable[str], neuron_group_size: int | None) -> tuple[tuple[str, ...], int | None]:
+    """Validated kinds in canonical order and the group size: None with "neurons" means `default_group_size`."""
+    kinds = tuple(kinds) if not isinstance(kinds, str) else (kinds,)
+    if "neurons" in kinds and neuron_group_size is None:
+        neuron_group_size = default_group_size(model)
+    return check_kinds(kinds, neuron_group_size), neuron_group_size
+
+
 def check_kinds(kinds: Iterable[str], neuron_group_size: int | None) -> tuple[str, ...]:
     """Validate `kinds` / `neuron_group_size`; return kinds in canonical order."""
     kinds = tuple(kinds) if not isinstance(kinds, str) else (kinds,)
@@ -160,15 +172,15 @@ def layer_branches(layer: Layer, layer_index: int, kinds: Sequence[str], neuron_
     return out
 
 
-def list_branches(model: nn.Module, kinds: Iterable[str] = ("head", "attention", "ffn"),
+def list_branches(model: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS,
                   neuron_group_size: int | None = None, seq_len: int = 128) -> list[Branch]:
     """All branches of the kinds asked for, layer by layer (heads, attention, neuron groups, ffn).
 
     Works on a pruned model: only present heads / neurons / blocks are listed. Neuron groups are
-    consecutive current neurons in groups of `neuron_group_size` (needed iff "neurons" is in kinds).
+    consecutive current neurons in groups of `neuron_group_size` (default 2 * head_dim).
     `seq_len` is the sequence length at which head FLOPs are counted (see `Branch.flops`).
     """
-    kinds = check_kinds(kinds, neuron_group_size)
+    kinds, neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     enc = encoder_of(model)
@@ -177,7 +189,8 @@ def list_branches(model: nn.Module, kinds: Iterable[str] = ("head", "attention",
             for b in layer_branches(layer, i, kinds, neuron_group_size, hidden, seq_len)]
 
 
-def branch_params(model: nn.Module, kinds: Iterable[str], neuron_group_size: int | None = None) -> dict[str, int]:
+def branch_params(model: nn.Module, kinds: Iterable[str] = DEFAULT_KINDS,
+                  neuron_group_size: int | None = None) -> dict[str, int]:
     """{name: params} for the branches of the kinds asked for."""
     return {b.name: b.params for b in list_branches(model, kinds, neuron_group_size)}
 
@@ -187,5 +200,5 @@ def default_group_size(model: nn.Module) -> int:
     return 2 * encoder_of(model).config.head_dim
 
 
-__all__ = ["Branch", "KINDS", "branch_name", "branch_params", "check_kinds", "default_group_size", "head_flops",
-           "head_params", "layer_branches", "list_branches", "neuron_flops", "neuron_params", "parse_name"]
+__all__ = ["Branch", "DEFAULT_KINDS", "KINDS", "branch_name", "branch_params", "check_kinds", "default_group_size", "head_flops",
+           "head_params", "layer_branches", "list_branches", "neuron_flops", "neuron_params", "parse_name", "resolve_kinds"]

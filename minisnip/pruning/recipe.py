@@ -33,7 +33,7 @@ from ..rundir import RunDir
 from ..surgery import PruningError
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit
-from .branches import check_kinds, default_group_size, list_branches
+from .branches import DEFAULT_KINDS, check_kinds, default_group_size, list_branches
 from .compression import (COMPRESSION_DEFINITION, compression, compression_with_zeros,
                           dense_encoder_linear_params, encoder_linears, sparsity)
 from .distill import DistillConfig, DistillHook
@@ -51,7 +51,7 @@ class PruneConfig:
 
     target: float | None = 0.5  # compression to reach: share of encoder linear-layer weights removed
     threshold: float | None = None  # alternatively (structured methods): remove every branch with score < threshold
-    kinds: tuple[str, ...] = ("head", "neurons")  # the branches a structured method scores and removes
+    kinds: tuple[str, ...] = DEFAULT_KINDS  # the branches a structured method scores and removes
     neuron_group_size: int | None = None  # FFN neurons per branch; None: 2 * head_dim
     per_param: bool = False  # rank branches by score / params instead of score
     calibration_examples: int = 512  # training examples on which scores are measured

@@ -59,13 +59,13 @@ class Config:
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int, kinds: tuple[str, ...],
-                   group_size: int) -> list[TrainHook]:
+                   neuron_group_size: int) -> list[TrainHook]:
     """Put SN on the branch matrices (when on) and return the prior's hook (when on)."""
     if cfg.spectral_norm:
         apply_spectral_norm(model, bound=cfg.sn_bound)
     if not cfg.uses_prior:
         return []
-    return [PriorPenalty(cfg.prior_lambda, kinds, group_size, cfg.prior_weights,
+    return [PriorPenalty(cfg.prior_lambda, kinds, neuron_group_size, cfg.prior_weights,
                          warmup_steps=round(cfg.prior_warmup * total_steps))]
 
 
@@ -75,16 +75,16 @@ def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
 
 
 def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
-           group_size: int) -> dict[str, float]:
+           neuron_group_size: int) -> dict[str, float]:
     """The function norm ||f_m|| of every branch on the calibration set: the thresholding operator's input."""
-    return function_norms(model, calib, kinds=kinds, neuron_group_size=group_size)
+    return function_norms(model, calib, kinds=kinds, neuron_group_size=neuron_group_size)
 
 
 def scores_at_load(model: nn.Module, cfg: Config, calib: list[dict], kinds: tuple[str, ...],
-                   group_size: int) -> dict[str, float]:
+                   neuron_group_size: int) -> dict[str, float]:
     """The function norms before fine-tuning: the identity prior only shrinks them (and plain fine-tuning moves
     them little), so a threshold above all of them removes everything; the recipe checks this up front."""
-    return function_norms(model, calib, kinds=kinds, neuron_group_size=group_size)
+    return function_norms(model, calib, kinds=kinds, neuron_group_size=neuron_group_size)
 
 
 __all__ = ["Config", "DESCRIPTION", "SCHEDULED", "STRUCTURED", "USES_DISTILLATION", "before_removal", "scores", "scores_at_load", "training_hooks"]

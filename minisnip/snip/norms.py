@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..model import Layer, LayerTrace
-from ..pruning.branches import branch_name, branch_params, check_kinds
+from ..pruning.branches import DEFAULT_KINDS, branch_name, branch_params, check_kinds, resolve_kinds
 from ..surgery import encoder_of
 
 
@@ -136,9 +136,10 @@ def token_mask(attention_mask: Tensor | None, traces: Sequence[LayerTrace]) -> T
 
 
 def batch_sq_norms(model: nn.Module, traces: Sequence[LayerTrace], attention_mask: Tensor | None,
-                   kinds: Iterable[str], neuron_group_size: int | None = None
+                   kinds: Iterable[str] = DEFAULT_KINDS, neuron_group_size: int | None = None
                    ) -> tuple[list[str], Tensor, Tensor]:
     """(names, summed squared norms over the batch's real tokens (n_branches,), number of real tokens)."""
+    kinds, neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
     enc = encoder_of(model)
     if len(traces) != len(enc.layers):
         raise ValueError(f"got {len(traces)} layer traces for a model with {len(enc.layers)} layers; "
@@ -164,7 +165,7 @@ def _encoder_inputs(batch: Mapping, device: torch.device) -> tuple[Tensor, Tenso
 
 
 def function_norms(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
-                   kinds: Iterable[str] = ("head", "attention", "ffn"), neuron_group_size: int | None = None,
+                   kinds: Iterable[str] = DEFAULT_KINDS, neuron_group_size: int | None = None,
                    param_weighted: bool = False) -> dict[str, float]:
     """||f_m|| for every branch, estimated exactly over a calibration set.
 
@@ -177,7 +178,7 @@ def function_norms(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
     it buys per weight, so a large FFN block is no longer protected by its size alone when comparing
     branches of different kinds.
     """
-    kinds = check_kinds(kinds, neuron_group_size)
+    kinds, neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
     enc = encoder_of(model)
     device = next(enc.parameters()).device
     was_training = model.training
@@ -221,11 +222,13 @@ class NormEMA:
     since the last update) are dropped; new ones start from their first batch.
     """
 
-    def __init__(self, kinds: Iterable[str] = ("head", "attention", "ffn"), decay: float = 0.99,
+    def __init__(self, kinds: Iterable[str] = DEFAULT_KINDS, decay: float = 0.99,
                  neuron_group_size: int | None = None):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
-        self.kinds = check_kinds(kinds, neuron_group_size)
+        kinds = tuple(kinds) if not isinstance(kinds, str) else (kinds,)
+        # validated now; a group size of None is resolved against the model at each update (2 * head_dim)
+        self.kinds = check_kinds(kinds, neuron_group_size or (1 if "neurons" in kinds else None))
         self.decay = decay
         self.neuron_group_size = neuron_group_size
         self._sq: dict[str, float] = {}

@@ -37,21 +37,21 @@ from torch import Tensor, nn
 
 from ..model import LayerTrace
 from ..train import StepContext, TrainHook
-from ..pruning.branches import branch_params, check_kinds
+from ..pruning.branches import DEFAULT_KINDS, branch_params, resolve_kinds
 from .norms import batch_sq_norms
 
 _EPS = 1e-20
 
 
 def identity_prior(model: nn.Module, traces: Sequence[LayerTrace], attention_mask: Tensor | None,
-                   kinds: Iterable[str] = ("head", "ffn"), weights: None | str | Mapping[str, float] = None,
+                   kinds: Iterable[str] = DEFAULT_KINDS, weights: None | str | Mapping[str, float] = None,
                    neuron_group_size: int | None = None) -> Tensor:
     """R = sum_m w_m ||f_m|| over this batch (a scalar tensor, differentiable; multiply by lambda yourself).
 
     traces: the list filled by model(..., trace=[]) on this batch; attention_mask: its (batch, seq) mask
     (padding tokens are excluded from the token mean). kinds: which branches are penalised.
     """
-    kinds = check_kinds(kinds, neuron_group_size)
+    kinds, neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
     names, sums, count = batch_sq_norms(model, traces, attention_mask, kinds, neuron_group_size)
     if not names:
         return sums.new_zeros(())
@@ -95,7 +95,7 @@ class PriorPenalty(TrainHook):
 
     def __init__(self, lam: float, kinds: Iterable[str], neuron_group_size: int | None,
                  weights: None | str | Mapping[str, float] = "params", warmup_steps: int = 0) -> None:
-        self.lam, self.kinds, self.group, self.weights = lam, tuple(kinds), neuron_group_size, weights
+        self.lam, self.kinds, self.neuron_group_size, self.weights = lam, tuple(kinds), neuron_group_size, weights
         self.warmup_steps, self.step = max(0, warmup_steps), 0
 
     def strength(self) -> float:
@@ -108,7 +108,7 @@ class PriorPenalty(TrainHook):
         """λ_t R on one batch's traces; advances the step."""
         lam = self.strength()
         self.step += 1
-        return lam * identity_prior(model, traces, mask, self.kinds, self.weights, self.group)
+        return lam * identity_prior(model, traces, mask, self.kinds, self.weights, self.neuron_group_size)
 
     def loss(self, ctx: StepContext) -> Tensor:
         return self(ctx.model, ctx.traces, ctx.mask)
