@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ClassroomError, UsageError
+from .errors import UsageError
 from .make import read_manifest
 
 POLL_S = 0.05
@@ -52,6 +52,9 @@ class _Run:
         self.lines = lines
         if self.ready_at is None and any(e.get("event") == "ready" for e in lines):
             self.ready_at = time.monotonic()
+
+    def done(self) -> bool:
+        return any(e.get("event") == "done" for e in self.lines)
 
     def current_check(self) -> str | None:
         started = [e["check"] for e in self.lines if e.get("event") == "start"]
@@ -89,7 +92,7 @@ def _log_tail(path: Path, lines: int = 3) -> str:
 def _result(run: _Run, points: int, status: str | None, reason: str | None) -> dict:
     run.read()
     checks = [{k: e[k] for k in ("check", "passed", "message")} for e in run.lines if e.get("event") == "check"]
-    done = any(e.get("event") == "done" for e in run.lines)
+    done = run.done()
     error = next((e["message"] for e in run.lines if e.get("event") == "error"), None)
     if status is None:
         if error is not None:
@@ -124,9 +127,9 @@ def grade(folder: str | Path, autograder: str | Path | None = None, parts: list[
     try:
         table = json.loads((autograder / "parts.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ClassroomError(f"{autograder} is not a usable autograder folder ({e})") from None
+        raise UsageError(f"{autograder} is not an autograder folder made by `make` ({e})") from None
     if not (autograder / "run.py").is_file():
-        raise ClassroomError(f"{autograder} has no run.py")
+        raise UsageError(f"{autograder} is not an autograder folder made by `make` (no run.py)")
     names = list(parts) if parts else list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -148,7 +151,8 @@ def grade(folder: str | Path, autograder: str | Path | None = None, parts: list[
                     run.read()
                     now = time.monotonic()
                     points = int(table[run.part]["points"])
-                    if run.proc.poll() is not None:
+                    if run.proc.poll() is not None or run.done():
+                        run.kill()  # done: whatever the student's code left running (a thread) goes too
                         results[run.part] = _result(run, points, None, None)
                     elif run.ready_at is None and now - run.started > import_limit:
                         run.kill()

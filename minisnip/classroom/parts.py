@@ -85,8 +85,8 @@ PARTS: tuple[Part, ...] = (
         name="function_norms",
         file="minisnip/snip/norms.py",
         functions={
-            "function_norms": "add up batch_sq_norms over all batches (in float64) and count the real tokens, "
-                              "then take sqrt(total / count) per branch",
+            "function_norms": "add up batch_sq_norms over all batches into names, total (float64) and count "
+                              "(real tokens); then norms = sqrt(total / count) per branch, as a list",
         },
         points=10,
         summary="The function norm of every residual branch over a calibration set: the root mean square of the "
