@@ -166,8 +166,8 @@ PARTS: tuple[Part, ...] = (
                 "(weights removed so far), `need` and an empty `RemovalPlan` are ready: `plan.add(branch)` "
                 "returns its layer, `plan.removed_params(layer)` the weights that layer loses so far (a head "
                 "inside a removed block adds nothing), `plan.leaves_something()` whether any block survives, "
-                "`plan.names()` the canonical names. Refuse with the PruningError shown in the docstring when "
-                "the target removes every block (unless allow_empty).",
+                "`plan.names()` the canonical names. Raise PruningError when reaching the target would leave no "
+                "attention or feed-forward block at all (unless allow_empty).",
         equations="select_below_threshold: { m : score_m < tau }   (strictly below, order kept)\n"
                   "select_for_target: sort branches by score ascending; take them one by one until\n"
                   "    removed weights >= target * dense weights; that set = thresholding at a tau just above\n"
