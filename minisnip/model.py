@@ -21,7 +21,8 @@ branch. SNIP's identity prior drives branches toward f(x) = 0 so that removing t
 
 Heads are addressable but the hot path is fused: one QKV matmul whose rows are laid out as
 [Q_head0 .. Q_head(n-1), K_head0 .., V_head0 ..] (`Attention.head_rows`), then one call to
-`scaled_dot_product_attention` over all heads, then one output matmul.
+`scaled_dot_product_attention` over all heads, then one output matmul. `attention_head` and `project_heads`
+write the same two steps out plainly, one head at a time: references, tested equal to the fused path.
 
 Padding costs nothing in the linear layers: when a batch has padding, the real tokens are packed into one
 (tokens, hidden) matrix (`Packing`) and every matmul, LayerNorm and GELU runs on those alone; only attention
@@ -30,6 +31,7 @@ unpacks Q, K, V to the (batch, seq) layout it needs. The hidden states at padded
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,37 @@ class Packing:
     def unpack(self, x: Tensor) -> Tensor:
         out = x.new_zeros(self.batch * self.seq, *x.shape[1:]).index_copy(0, self.index, x)
         return out.view(self.batch, self.seq, *x.shape[1:])
+
+
+def attention_head(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One attention head written out: softmax(q k^T / sqrt(d)) v, (..., S_q, d), (..., S_k, d), (..., S_k, d_v)
+    -> (..., S_q, d_v), any leading (batch, heads) dimensions.
+
+    mask: bool, broadcastable to (..., S_q, S_k), True where a query may attend to a key (the layout
+    `BertModel` passes to attention; every query needs at least one key); None: attend everywhere.
+    The readable reference of what `Attention.context` computes for all heads in one fused
+    `scaled_dot_product_attention` call (tested equal); the model itself does not call it.
+    """
+    # BEGIN SOLUTION
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+    # END SOLUTION
+
+
+def project_heads(ctx: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The output projection written out, head by head: sum_h ctx_h W_O[:, cols_h]^T + b_O,
+    (batch, heads, S, d) -> (batch, S, hidden).
+
+    weight: W_O, (hidden, heads * d), head h's columns at h*d .. (h+1)*d - 1 (`Attention.head_columns`);
+    bias: b_O, (hidden,) or None. The readable reference of `Attention.project` (tested equal).
+    """
+    # BEGIN SOLUTION
+    d = ctx.shape[-1]
+    out = sum(ctx[:, h] @ weight[:, h * d:(h + 1) * d].t() for h in range(ctx.shape[1]))
+    return out if bias is None else out + bias
+    # END SOLUTION
 
 
 class Attention(nn.Module):
@@ -180,6 +213,7 @@ class Attention(nn.Module):
         """Physically keep only the heads at local indices `keep` (shrinks `qkv` and `out`)."""
         if not keep:
             raise ValueError("keep_heads needs at least one head; remove the block instead")
+        # BEGIN SOLUTION
         rows = torch.cat([torch.arange(self.qkv.out_features)[r] for t in range(3)
                           for r in (self.head_rows(h)[t] for h in keep)])
         cols = torch.cat([torch.arange(self.out.in_features)[self.head_columns(h)] for h in keep])
@@ -187,6 +221,7 @@ class Attention(nn.Module):
         self.out = _select_linear(self.out, cols, dim=1)
         if self.head_gate is not None:
             self.head_gate = self.head_gate[keep].clone()
+        # END SOLUTION
         self.heads = [self.heads[h] for h in keep]
 
 
@@ -469,4 +504,4 @@ def _select_linear(linear: nn.Linear, index: Tensor, dim: int) -> nn.Linear:
 
 
 __all__ = ["Attention", "BertForSequenceClassification", "BertModel", "Embeddings", "FeedForward", "Layer",
-           "LayerTrace", "Packing", "Pooler", "activation", "init_weights"]
+           "LayerTrace", "Packing", "Pooler", "activation", "attention_head", "init_weights", "project_heads"]

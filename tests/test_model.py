@@ -244,6 +244,28 @@ def test_head_outputs_sum_to_projection(minilm, batch):
             assert torch.allclose(per_head[:, h], alone, atol=ATOL, rtol=0)
 
 
+def test_written_out_heads_equal_the_fused_path(tiny_model):
+    """attention_head per head and project_heads (the readable references) equal the fused SDPA path."""
+    from minisnip.model import attention_head, project_heads
+    model = tiny_model(minisnip.BertModel, seed=2)
+    ids = torch.randint(0, 1000, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    trace: list[LayerTrace] = []
+    with torch.no_grad():
+        model(ids, mask, trace=trace)
+        for t, layer in zip(trace, model.layers):
+            attn = layer.attention
+            w, b = attn.qkv.weight, attn.qkv.bias
+            for h in range(attn.num_heads):
+                q, k, v = (F.linear(t.x, w[r], b[r]) for r in attn.head_rows(h))
+                ctx = attention_head(q, k, v, mask.bool()[:, None, :])
+                assert torch.allclose(ctx, t.context[:, h], atol=1e-5, rtol=0)
+            out = project_heads(t.context, attn.out.weight, attn.out.bias)
+            assert torch.allclose(out, t.attention_out, atol=1e-5, rtol=0)
+
+
 def test_eval_is_deterministic_and_train_uses_dropout(minilm, batch):
     model, _ = minilm
     with torch.no_grad():

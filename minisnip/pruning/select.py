@@ -39,7 +39,9 @@ def select_below_threshold(scores: Mapping[str, float], tau: float) -> list[str]
     """
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
         raise ValueError(f"threshold tau must be a finite number >= 0, got tau={tau!r}")
+    # BEGIN SOLUTION
     return [n for n, v in scores.items() if _check_score(n, v) < tau]
+    # END SOLUTION
 
 
 def select_for_target(branches: Sequence[Branch], scores: Mapping[str, float], target: float,
@@ -71,12 +73,13 @@ def select_for_target(branches: Sequence[Branch], scores: Mapping[str, float], t
     if missing:
         raise ValueError(f"no score for {len(missing)} branches, e.g. {missing[:5]}")
     score = {b.name: _check_score(b.name, scores[b.name]) / (b.params if per_param else 1) for b in branches}
-    order = sorted(branches, key=lambda b: score[b.name])
     removed = dense - encoder_linear_params(enc)
     need = target * dense
     if removed >= need - 1e-9:
         return []
     plan = RemovalPlan(enc)
+    # BEGIN SOLUTION
+    order = sorted(branches, key=lambda b: score[b.name])
     per_layer = [0] * len(enc.layers)
     for b in order:
         layer = plan.add(b)
@@ -88,6 +91,7 @@ def select_for_target(branches: Sequence[Branch], scores: Mapping[str, float], t
                 raise PruningError(f"reaching target {target} removes every attention and feed-forward block; "
                                    "pass allow_empty=True if that is really meant")
             return plan.names()
+    # END SOLUTION
     raise ValueError(f"target {target} cannot be reached with these {len(branches)} candidates: removing all of "
                      f"them gives compression {removed / dense:.4f} ({COMPRESSION_DEFINITION})")
 

@@ -192,19 +192,23 @@ def function_norms(model: nn.Module, batches: Iterable[Mapping[str, Tensor]],
                 ids, am, tt = _encoder_inputs(batch, device)
                 trace: list[LayerTrace] = []
                 enc(ids, am, tt, trace=trace)
+                # BEGIN SOLUTION
                 n, s, c = batch_sq_norms(enc, trace, am, kinds, neuron_group_size)
                 if names is None:
                     names, total = n, s.double()
                 else:
                     total += s.double()
                 count += int(c)
+                # END SOLUTION
     finally:
         model.train(was_training)
     if names is None:
         raise ValueError("function_norms got no calibration batches")
     if count == 0:
         raise ValueError("the calibration batches hold no real (non-padding) token")
+    # BEGIN SOLUTION
     norms = (total / count).clamp_min(0).sqrt().tolist()
+    # END SOLUTION
     out = dict(zip(names, norms))
     if param_weighted:
         params = branch_params(enc, kinds, neuron_group_size)

@@ -55,11 +55,13 @@ def identity_prior(model: nn.Module, traces: Sequence[LayerTrace], attention_mas
     names, sums, count = batch_sq_norms(model, traces, attention_mask, kinds, neuron_group_size)
     if not names:
         return sums.new_zeros(())
-    norms = (sums / count.clamp_min(1).to(sums.dtype)).clamp_min(_EPS).sqrt()
     w = _weights(model, names, kinds, weights, neuron_group_size)
+    # BEGIN SOLUTION
+    norms = (sums / count.clamp_min(1).to(sums.dtype)).clamp_min(_EPS).sqrt()
     if w is None:
         return norms.sum()
     return (norms * w.to(device=norms.device, dtype=norms.dtype)).sum()
+    # END SOLUTION
 
 
 def _weights(model: nn.Module, names: list[str], kinds: tuple[str, ...], weights, neuron_group_size) -> Tensor | None:

@@ -77,12 +77,27 @@ def power_iteration(W: Tensor, u: Tensor, n_iter: int = 1, eps: float = 1e-12) -
     """
     if n_iter < 1:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    # BEGIN SOLUTION
     with torch.no_grad():
         v = u.new_zeros(W.shape[1])
         for _ in range(n_iter):
             v = F.normalize(W.t().mv(u), dim=0, eps=eps)
             u = F.normalize(W.mv(v), dim=0, eps=eps)
     return torch.dot(u, W.mv(v)), u, v
+    # END SOLUTION
+
+
+def spectral_rescale(mats: Tensor, sigma: Tensor, bound: Tensor, eps: float = 1e-12) -> Tensor:
+    """W_b · min(1, c_b / σ̂_b) for every block b: mats (blocks, rows, in), sigma = σ̂ and bound = c (blocks,).
+
+    A block whose σ̂ is at most its bound comes back unchanged; an all-zero block (σ̂ = 0) must not divide by 0
+    (σ̂ is floored at eps). Differentiable w.r.t. mats and sigma: `SpectralNorm.forward`'s rescaling.
+    """
+    # BEGIN SOLUTION
+    # min(1, c / σ̂) = 1 / max(1, σ̂ / c); the clamp keeps an all-zero matrix (σ̂ = 0) from dividing by 0
+    scale = torch.clamp(bound / sigma.clamp_min(eps), max=1.0)
+    return mats * scale[:, None, None]
+    # END SOLUTION
 
 
 class SpectralNorm(nn.Module):
@@ -147,9 +162,7 @@ class SpectralNorm(nn.Module):
         mats = self._blocks(W)
         if self.training:
             self._power_method(mats.detach(), self.n_power_iterations)
-        # min(1, c / σ̂) = 1 / max(1, σ̂ / c); the clamp keeps an all-zero matrix (σ̂ = 0) from dividing by 0
-        scale = torch.clamp(self.bound / self.sigma(W).clamp_min(self.eps), max=1.0)
-        return (mats * scale[:, None, None]).view_as(W)
+        return spectral_rescale(mats, self.sigma(W), self.bound, self.eps).view_as(W)
 
     def extra_repr(self) -> str:
         c = ", ".join(f"{x:.3g}" for x in self.bound.tolist())
@@ -274,4 +287,4 @@ def spectral_bounds(model: nn.Module) -> dict[str, float]:
 
 
 __all__ = ["BRANCH_MATRICES", "SpectralNorm", "apply_spectral_norm", "power_iteration", "register_spectral_norm",
-           "remove_spectral_norm", "spectral_bounds", "spectral_norm_exact", "spectral_norms"]
+           "remove_spectral_norm", "spectral_bounds", "spectral_norm_exact", "spectral_norms", "spectral_rescale"]
