@@ -146,7 +146,7 @@ def test_student_copy_imports_and_runs_what_is_not_blanked(made):
             "print(minisnip.__file__)\n"
             "m = minisnip.BertModel(minisnip.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2,\n"
             "    num_attention_heads=4, intermediate_size=32, max_position_embeddings=16)).eval()\n"
-            "print(tuple(m(torch.randint(0, 30, (2, 5))).shape), len(list_branches(m)))\n"
+            "print(tuple(m(torch.randint(0, 30, (2, 5))).shape), len(list_branches(m, (\"head\", \"attention\", \"ffn\"))))\n"
             "try:\n"
             "    attention_head(torch.ones(1, 2), torch.ones(1, 2), torch.ones(1, 2))\n"
             "except NotImplementedError as e:\n"

@@ -16,7 +16,7 @@ def _weights_dict() -> dict[str, float]:
     return {**heads, **{f"layer{i}.ffn": 2.0 - i for i in range(2)}}
 
 
-CASES = ({}, {"weights": "params"}, {"weights": "dict"}, {"kinds": ("attention", "ffn")})
+CASES = ({}, {"weights": "params"}, {"weights": "dict", "kinds": ("head", "ffn")}, {"kinds": ("attention", "ffn")})
 
 
 def _kwargs(case: dict) -> dict:
