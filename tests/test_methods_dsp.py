@@ -102,6 +102,7 @@ def test_short_fit_then_exactly_k_heads_stay(tiny_folder, glue_fixtures_dir):
     assert not torch.equal(before, hook.logits.detach().cpu())  # the logits learned
     first, last = history.epochs[0], history.epochs[-1]
     assert first["temperature"] > 1 and last["temperature"] == 1e-8 and last["keep"] == hook.k
+    assert 0 <= first["subset_agreement"] <= 1 and last["subset_agreement"] > 0.5
     dsp.before_removal(model, hooks)
     w = dsp.scores(model, hooks, [], kinds, 16)
     names = dsp.select(model, hooks, [], kinds, 16, 0.3)

@@ -169,6 +169,7 @@ class SubsetGates(TrainHook):
         w = (torch.rand(len(self.branches), device=device) * 2 - 1) * cfg.init_range
         self.logits = nn.Parameter(w)
         self.tau = temperature(0, cfg, self.cooldown_steps)
+        self.last: Tensor | None = None  # the gates of the last step (detached)
 
     def gates(self, sample: bool = True) -> Tensor:
         """The relaxed k-hot gates at the current τ (sample=False: without Gumbel noise)."""
@@ -183,15 +184,22 @@ class SubsetGates(TrainHook):
 
     def before_forward(self, ctx: StepContext) -> None:
         self.tau = temperature(ctx.step - 1, self.cfg, self.cooldown_steps)
-        self.layout.apply(ctx.model, self.gates())
+        gates = self.gates()
+        self.last = gates.detach()
+        self.layout.apply(ctx.model, gates)
 
     def epoch_log(self) -> dict:
-        """Writes the noise-free gates for the evaluation that follows; reports τ, k and the top-k's logit gap."""
+        """Writes the noise-free gates for the evaluation that follows; reports τ, k, and `subset_agreement`:
+        the share of the last sample's k largest gates that are among the k largest logits (1: the sampled
+        subset has settled on the one `select` keeps)."""
         with torch.no_grad():
             self.layout.apply(self.model, self.gates(sample=False).detach())
-            w = torch.sort(self.logits.detach(), descending=True).values
-        gap = float(w[self.k - 1] - w[self.k]) if self.k < len(w) else None
-        return {"temperature": self.tau, "keep": self.k, "logit_gap_at_k": gap}
+        record = {"temperature": self.tau, "keep": self.k}
+        if self.last is not None:
+            sampled = set(torch.topk(self.last, self.k).indices.tolist())
+            chosen = set(torch.topk(self.logits.detach(), self.k).indices.tolist())
+            record["subset_agreement"] = len(sampled & chosen) / self.k
+        return record
 
 
 # --- the method contract -------------------------------------------------------------------------------------
