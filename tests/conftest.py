@@ -134,10 +134,12 @@ def tiny_folder(tmp_path_factory, minilm_path) -> Path:
 def bench_script():
     """Factory: import a script of bench/ by name (they are scripts, not a package) to call its main()."""
     import importlib.util
+    import sys
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
     return load

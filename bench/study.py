@@ -1,0 +1,384 @@
+"""The comparison study: every pruning method at 30/50/70% compression on GLUE subsets, mean ± std over seeds.
+
+One *cell* is (task, seed, method, target, distill). The costly part is shared where the recipe allows it:
+
+* a method whose fine-tuning does not depend on the target (SCHEDULED = False: snip, snip-no-sn, magnitude,
+  heads, and snip-no-prior) is fine-tuned once per task, seed and training, and every target is cut from a copy
+  of that model and recovered; snip-no-prior, magnitude and heads all train plainly (no terms of their own), so
+  they share one plain fine-tune, which is also the dense reference ("dense", target 0);
+* a scheduled method (movement, l0, dsp, magnitude-unstructured, sparsebert, ...) trains toward its target, so
+  each of its cells is its own fine-tune;
+* distillation's teacher is the plain fine-tune of the same task and seed.
+
+Each finished cell is appended as one JSON line to <out>.jsonl (duplicates from concurrent processes count once),
+so an interrupted study resumes where it stopped; `--shard i/n` splits the cells over n processes (one torch
+thread each: two shards share a 2-core machine). Before it starts, the runner prints its plan and an estimate of
+the total time from a short measurement of training throughput. Records hold the final score, the score before
+recovery, the compression reached, and for structured methods the measured inference speedup of the pruned model
+over dense (one 32 x 128 batch, 5 interleaved rounds) next to the ratio of linear-layer weights (the FLOP ratio of the
+matmuls). `--summarize` writes <out>.json, <out>.md (mean ± std, best per column in bold) and one figure per task.
+
+    python bench/study.py --glue-dir ../shared/data/glue --out bench/results/study            # the full study
+    python bench/study.py --glue-dir ../shared/data/glue --quick --out bench/out/study_quick  # minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+
+import minisnip  # noqa: E402
+from bench.machine import machine_info  # noqa: E402
+from minisnip.__main__ import METHODS  # noqa: E402
+from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
+from minisnip.config import BertConfig  # noqa: E402
+from minisnip.pruning.compression import (COMPRESSION_DEFINITION, dense_encoder_linear_params,  # noqa: E402
+                                          encoder_linear_params)
+from minisnip.pruning.distill import DistillConfig  # noqa: E402
+from minisnip.pruning.recipe import PruneConfig, dev_scores, finetune_with, recover, remove  # noqa: E402
+from minisnip.train import TrainConfig, fit  # noqa: E402
+
+PLAIN = ("snip-no-prior", "magnitude", "heads")  # methods whose fine-tuning is plain: one shared fine-tune
+DEFAULT_METHODS = list(METHODS)
+UNSTRUCTURED_EXTRA = (0.9, 0.95)  # unstructured methods' papers claim their strength there
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    seed: int
+    method: str  # a name of minisnip.__main__.METHODS, or "dense"
+    target: float  # 0.0 for dense
+    distill: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.task, self.seed, self.method, self.target, self.distill)
+
+    @property
+    def training(self) -> tuple:
+        """Cells with the same training share one fine-tune."""
+        if self.method == "dense" or (self.method in PLAIN and not self.distill):
+            return (self.task, self.seed, "plain", False)
+        module = METHODS[self.method][0]
+        if module.SCHEDULED:
+            return self.key
+        return (self.task, self.seed, self.method, self.distill)
+
+
+def plan(args) -> list[Cell]:
+    """Every cell, the most informative first: seed by seed, 50% before 30% and 70%, then the extra targets."""
+    cells = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            cells.append(Cell(task, seed, "dense", 0.0))
+            for target in args.targets:
+                for method in args.methods:
+                    for distill in ([False, True] if args.distill else [False]):
+                        module = METHODS[method][0]
+                        if distill and module.USES_DISTILLATION:
+                            continue  # it always distils: the False cell is the distilled one
+                        cells.append(Cell(task, seed, method, target, distill))
+            for target in args.unstructured_targets:
+                cells += [Cell(task, seed, m, target) for m in args.methods if not METHODS[m][0].STRUCTURED]
+    order = {t: i for i, t in enumerate([0.0, 0.5, *args.targets, *args.unstructured_targets])}
+    return sorted(cells, key=lambda c: (c.seed, order[c.target], c.task))
+
+
+def read_records(jsonl: Path) -> list[dict]:
+    """The records in `jsonl`, the first one per cell (concurrent processes may have written one twice)."""
+    first: dict = {}
+    for line in (jsonl.read_text().splitlines() if jsonl.exists() else []):
+        if line.strip():
+            r = json.loads(line)
+            first.setdefault((r["task"], r["seed"], r["method"], r["target"], r.get("distill", False)), r)
+    return list(first.values())
+
+
+def speedup(dense: torch.nn.Module, pruned: torch.nn.Module, rounds: int = 5) -> float:
+    """Inference speedup of `pruned` over `dense`: one forward of a fixed 32 x 128 batch each, interleaved for
+    `rounds` rounds (both see the same machine load), ratio of the median times (eval, no grad)."""
+    ids = torch.randint(1000, 2000, (32, 128), generator=torch.Generator().manual_seed(0))
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for m in (dense, pruned):
+        m.eval()
+    with torch.no_grad():
+        dense(ids), pruned(ids)  # warm-up
+        for _ in range(rounds):
+            for j, m in enumerate((dense, pruned)):
+                t0 = time.perf_counter()
+                m(ids)
+                times[j].append(time.perf_counter() - t0)
+    return statistics.median(times[0]) / statistics.median(times[1])
+
+
+class Study:
+    """Runs cells, keeping the shared fine-tunes of one (task, seed) in memory."""
+
+    def __init__(self, args):
+        self.args = args
+        self.model_path = Path(args.model) if args.model else minisnip.default_model_path()
+        self.tokenizer = minisnip.load_tokenizer(self.model_path)
+        self.data: dict[str, TaskData] = {}
+        self.trained: dict[tuple, tuple] = {}  # training key -> (model, hooks, finetuned dev scores, seconds)
+
+    def task_data(self, task: str) -> TaskData:
+        if task not in self.data:
+            self.data[task] = load_task_data(task, self.tokenizer, self.args.glue_dir, self.args.max_train, seed=0,
+                                             max_length=self.args.max_length)
+        return self.data[task]
+
+    def train_cfg(self, seed: int) -> TrainConfig:
+        a = self.args
+        return TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=seed,
+                           progress=False, device=a.device)
+
+    def prune_cfg(self, cell: Cell) -> PruneConfig:
+        return PruneConfig(target=cell.target or None, recovery_epochs=self.args.recovery_epochs,
+                           distill=DistillConfig() if cell.distill else None)
+
+    def fine_tuned(self, cell: Cell):
+        """The fine-tuned model for this cell's training (shared), with the method's hooks and dev scores."""
+        key = cell.training
+        if key in self.trained:
+            return self.trained[key]
+        for old in [k for k in self.trained if k[:2] != key[:2]]:  # keep one (task, seed) in memory
+            del self.trained[old]
+        data, train_cfg = self.task_data(cell.task), self.train_cfg(cell.seed)
+        model = new_classifier(self.model_path, data.task, cell.seed)
+        t0 = time.perf_counter()
+        if key[2] == "plain":
+            history = fit(model, self.tokenizer, data.task, data.train, data.dev, train_cfg)
+            hooks: list = []
+        else:
+            module, overrides = METHODS[cell.method]
+            # the teacher: a copy of the plain fine-tune (distillation freezes its teacher's parameters)
+            teacher = copy.deepcopy(self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0))[0]) \
+                if cell.distill or module.USES_DISTILLATION else None
+            history, hooks = finetune_with(model, self.tokenizer, data, module, module.Config(**overrides),
+                                           self.prune_cfg(cell), train_cfg, teacher=teacher)
+        self.trained[key] = (model, hooks, history.best_metrics, time.perf_counter() - t0)
+        return self.trained[key]
+
+    def run(self, cell: Cell) -> dict:
+        data, train_cfg = self.task_data(cell.task), self.train_cfg(cell.seed)
+        split, metric = next(iter(data.dev)), data.task.main_metric
+        model, hooks, finetuned, seconds = self.fine_tuned(cell)
+        record = {"task": cell.task, "seed": cell.seed, "method": cell.method, "target": cell.target,
+                  "distill": cell.distill, "main_metric": metric, "finetuned": finetuned[split][metric],
+                  "finetune_seconds": seconds}
+        if cell.method == "dense":
+            record.update(compression=0.0, before_recovery=finetuned[split][metric], score=finetuned[split][metric])
+            return record
+        module = METHODS[cell.method][0]
+        pruned = copy.deepcopy(model) if not module.SCHEDULED else model
+        cfg = self.prune_cfg(cell)
+        t0 = time.perf_counter()
+        dense_config = BertConfig.from_dict(model.config.to_dict())
+        outcome = remove(pruned, self.tokenizer, data, module, hooks, cfg, train_cfg, dense_config)
+        before = dev_scores(pruned, self.tokenizer, data)[split][metric]
+        after = recover(pruned, self.tokenizer, data, cfg, train_cfg, module.STRUCTURED).best_metrics[split][metric] \
+            if cfg.recovery_epochs else before
+        record.update(compression=outcome.report["compression"], sparsity=outcome.report.get("sparsity"),
+                      before_recovery=before, score=after, prune_seconds=time.perf_counter() - t0,
+                      removed=outcome.removed, structured=module.STRUCTURED)
+        record["linear_weight_ratio"] = dense_encoder_linear_params(dense_config) / max(1, encoder_linear_params(pruned))
+        record["speedup"] = speedup(self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0))[0], pruned)
+        if module.SCHEDULED:
+            del self.trained[cell.training]  # used once
+        return record
+
+
+def estimate_seconds(cells: list[Cell], args, examples_per_second: float) -> float:
+    """Training examples the plan will see, over a measured throughput (evaluation and pruning excluded)."""
+    n = args.max_train or 67349
+    trainings = {c.training for c in cells}
+    recoveries = sum(1 for c in cells if c.method != "dense")
+    return (len(trainings) * args.epochs + recoveries * args.recovery_epochs) * n / examples_per_second
+
+
+def measure_throughput(study: Study, task: str) -> float:
+    """Training examples per second of plain fine-tuning on 4 batches of `task`."""
+    data = study.task_data(task)
+    subset = type(data.train)(ids=data.train.ids[:4 * study.args.batch_size],
+                              types=data.train.types[:4 * study.args.batch_size],
+                              labels=data.train.labels[:4 * study.args.batch_size])
+    model = new_classifier(study.model_path, data.task, 0)
+    cfg = TrainConfig(epochs=1, batch_size=study.args.batch_size, max_length=study.args.max_length, progress=False,
+                      device=study.args.device)
+    history = fit(model, study.tokenizer, data.task, subset, {"train": subset}, cfg)
+    return history.train_examples / history.train_seconds
+
+
+# --- summary, table, figures ---------------------------------------------------------------------------------------
+def summarize(records: list[dict]) -> dict:
+    """{task: {row: {target: {mean, std, n, before_recovery, compression, speedup}}}}; row = method (+distill)."""
+    out: dict = {}
+    for r in records:
+        row = r["method"] + (" +distill" if r.get("distill") else "")
+        out.setdefault(r["task"], {}).setdefault(row, {}).setdefault(str(r["target"]), []).append(r)
+    for task, rows in out.items():
+        for row, targets in rows.items():
+            for target, rs in targets.items():
+                def stat(key):
+                    vals = [r[key] for r in rs if r.get(key) is not None]
+                    return statistics.fmean(vals) if vals else None
+                scores = [r["score"] for r in rs]
+                targets[target] = {"mean": statistics.fmean(scores), "n": len(scores),
+                                   "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                                   "before_recovery": stat("before_recovery"), "compression": stat("compression"),
+                                   "speedup": stat("speedup"), "linear_weight_ratio": stat("linear_weight_ratio"),
+                                   "metric": rs[0]["main_metric"]}
+    return out
+
+
+def table(summary: dict, targets: list[float]) -> str:
+    """Markdown, one block per task: rows = methods, columns = target compressions; mean ± std (n) [before
+    recovery] {speedup}; the best mean per column in bold."""
+    out = []
+    for task, rows in summary.items():
+        dense = rows.get("dense", {}).get("0.0")
+        metric = (dense or next(iter(next(iter(rows.values())).values())))["metric"]
+        cols = [t for t in targets if any(str(t) in v for r, v in rows.items() if r != "dense")]
+        best = {t: max((v[str(t)]["mean"] for r, v in rows.items() if str(t) in v and r != "dense"), default=None)
+                for t in cols}
+        out += [f"**{task}** ({metric} x100; dense {100 * dense['mean']:.1f} ± {100 * dense['std']:.1f}, "
+                f"n={dense['n']})" if dense else f"**{task}** ({metric} x100)", "",
+                "| method | " + " | ".join(f"{t:.0%}" for t in cols) + " |", "|---|" + "---|" * len(cols)]
+        for row in sorted(r for r in rows if r != "dense"):
+            cells = []
+            for t in cols:
+                v = rows[row].get(str(t))
+                if v is None:
+                    cells.append("–")
+                    continue
+                text = f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+                text = f"**{text}**" if v["mean"] == best[t] else text
+                extra = f" [{100 * v['before_recovery']:.1f}]" if v["before_recovery"] is not None else ""
+                extra += f" {{{v['speedup']:.2f}x}}" if v.get("speedup") is not None else ""
+                cells.append(f"{text} (n={v['n']}){extra}")
+            out.append(f"| {row} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def figures(summary: dict, out: Path) -> list[Path]:
+    """One PNG per task: score vs compression, a line per method with std error bars, dense as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    for task, rows in summary.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        dense = rows.get("dense", {}).get("0.0")
+        if dense:
+            ax.axhspan(100 * (dense["mean"] - dense["std"]), 100 * (dense["mean"] + dense["std"]), color="0.85",
+                       label=f"dense {100 * dense['mean']:.1f}")
+        for row in sorted(r for r in rows if r != "dense"):
+            pts = sorted((float(t), v) for t, v in rows[row].items())
+            ax.errorbar([100 * t for t, _ in pts], [100 * v["mean"] for _, v in pts],
+                        yerr=[100 * v["std"] for _, v in pts], marker="o", capsize=3, label=row)
+        metric = (dense or next(iter(next(iter(rows.values())).values())))["metric"]
+        ax.set(title=f"{task}: dev {metric} after pruning and recovery", xlabel="target compression (%)",
+               ylabel=f"{metric} (x100)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out.parent / f"{out.name}_{task}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_summary(args, jsonl: Path) -> str:
+    records = read_records(jsonl)
+    summary = summarize(records)
+    targets = sorted({r["target"] for r in records if r["target"]})
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"settings": settings, "machine": machine_info(args.device), "compression_definition": COMPRESSION_DEFINITION,
+         "records": len(records), "summary": summary}, indent=2) + "\n")
+    md = table(summary, targets)
+    args.out.with_suffix(".md").write_text(
+        "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n), [mean before recovery], "
+        "{measured inference speedup over dense: structured results are smaller matrices, unstructured ones the "
+        "same dense matrices with zeros}; best mean per column in bold. Columns: target "
+        f"compression ({COMPRESSION_DEFINITION}; unstructured methods: share of the weights set to zero).\n"
+        f"Settings: {settings}\n\n{md}\n")
+    if records:
+        figures(summary, args.out)
+    return md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--glue-dir", type=Path, required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb", "cola", "rte"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--unstructured-targets", type=float, nargs="*", default=list(UNSTRUCTURED_EXTRA))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    p.add_argument("--distill", action="store_true", help="also run every method with distillation")
+    p.add_argument("--max-train", type=int, default=4000)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--recovery-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: two shards share 2 cores)")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i")
+    p.add_argument("--quick", action="store_true", help="a few minutes: SST-2, 1 seed, 200 examples, 1 epoch, 50%%")
+    p.add_argument("--summarize", action="store_true", help="only write <out>.json/.md/figures from <out>.jsonl")
+    p.add_argument("--out", type=Path, default=Path("bench/results/study"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tasks, args.seeds, args.targets, args.unstructured_targets = ["sst2"], [1], [0.5], []
+        args.max_train, args.epochs, args.max_length = 200, 1, 64
+    torch.set_num_threads(args.threads)
+    jsonl = args.out.with_suffix(".jsonl")
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        print(write_summary(args, jsonl))
+        return 0
+    i, n = (int(x) for x in args.shard.split("/"))
+    done = {tuple(r[k] for k in ("task", "seed", "method", "target")) + (r.get("distill", False),)
+            for r in read_records(jsonl)}
+    cells = [c for c in plan(args) if c.key not in done]
+    mine = [c for j, c in enumerate(plan(args)) if j % n == i and c.key not in done]  # shards of the whole plan
+    study = Study(args)
+    if mine:
+        speed = measure_throughput(study, mine[0].task)
+        eta = estimate_seconds(mine, args, speed)
+        print(f"shard {i}/{n}: {len(mine)} of {len(cells)} remaining cells; {speed:.1f} train examples/s measured; "
+              f"estimated {eta / 3600:.1f} h of training (evaluation and pruning come on top)", flush=True)
+    for cell in mine:
+        t0 = time.perf_counter()
+        record = study.run(cell)
+        record["cell_seconds"] = time.perf_counter() - t0
+        with jsonl.open("a") as sink:  # one line per finished cell, flushed: an interruption loses one cell
+            sink.write(json.dumps(record) + "\n")
+        print(f"{cell.task} seed {cell.seed} {cell.method}{' +distill' if cell.distill else ''} @ {cell.target:.2f}: "
+              f"{record['main_metric']} {100 * record['score']:.2f} (before recovery "
+              f"{100 * record['before_recovery']:.2f}), compression {record['compression']:.3f}, "
+              f"{record['cell_seconds']:.0f} s", flush=True)
+    print(write_summary(args, jsonl))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

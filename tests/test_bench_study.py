@@ -1,0 +1,36 @@
+"""bench/study.py on the tiny GLUE fixtures: the plan, shared fine-tunes, resuming, shards and the summary
+(bookkeeping only: no timing, no quality thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_study_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
+    study = bench_script("study")
+    out = tmp_path / "study"
+    argv = ["--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder), "--tasks", "rte", "--seeds", "1",
+            "--targets", "0.5", "--unstructured-targets", "0.9", "--methods", "snip", "snip-no-prior", "magnitude",
+            "magnitude-unstructured", "--max-train", "8", "--epochs", "1", "--batch-size", "4", "--max-length",
+            "32", "--out", str(out)]
+    assert study.main([*argv, "--shard", "1/2"]) == 0  # half of the cells
+    half = study.read_records(out.with_suffix(".jsonl"))
+    assert study.main([*argv, "--shard", "0/2"]) == 0  # the other half
+    records = study.read_records(out.with_suffix(".jsonl"))
+    keys = {(r["method"], r["target"]) for r in records}
+    # dense once; four methods at 50%; the unstructured one also at 90%
+    assert keys == {("dense", 0.0), ("snip", 0.5), ("snip-no-prior", 0.5), ("magnitude", 0.5),
+                    ("magnitude-unstructured", 0.5), ("magnitude-unstructured", 0.9)}
+    assert 0 < len(half) < len(records)
+    for r in records:
+        reached = r["sparsity"] if r.get("sparsity") is not None else r["compression"]  # unstructured: weights
+        assert r["method"] == "dense" or reached >= r["target"] - 0.01
+        assert r["method"] == "dense" or r["speedup"] > 0
+    shared = {r["method"]: r["finetuned"] for r in records if r["method"] in ("dense", "snip-no-prior", "magnitude")}
+    assert len(set(shared.values())) == 1  # plain methods share the dense fine-tune
+    assert study.main(argv) == 0  # resumes: nothing left to run, nothing duplicated
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(records)
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    assert summary["rte"]["magnitude-unstructured"]["0.9"]["n"] == 1
+    md = out.with_suffix(".md").read_text()
+    assert "| snip |" in md and "**" in md and (tmp_path / "study_rte.png").stat().st_size > 1000
