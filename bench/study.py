@@ -11,7 +11,7 @@ One *cell* is (task, seed, method, target, distill). The costly part is shared w
 * distillation's teacher is the plain fine-tune of the same task and seed.
 
 Each finished cell is appended as one JSON line to <out>.jsonl (duplicates from concurrent processes count once),
-so an interrupted study resumes where it stopped; `--shard i/n` splits the cells over n processes (one torch
+so an interrupted study resumes where it stopped; `--shard i/n` splits the trainings (and their cells) over n processes (one torch
 thread each: two shards share a 2-core machine). Before it starts, the runner prints its plan and an estimate of
 the total time from a short measurement of training throughput. Records hold the final score, the score before
 recovery, the compression reached, and for structured methods the measured inference speedup of the pruned model
@@ -96,6 +96,13 @@ def plan(args) -> list[Cell]:
                 cells += [Cell(task, seed, m, target) for m in args.methods if not METHODS[m][0].STRUCTURED]
     order = {t: i for i, t in enumerate([0.0, 0.5, *args.targets, *args.unstructured_targets])}
     return sorted(cells, key=lambda c: (c.seed, order[c.target], c.task))
+
+
+def shard_of(cell: Cell, cells: list[Cell], n: int) -> int:
+    """The shard that runs `cell`: trainings are dealt round-robin in plan order over the whole plan (stable as
+    cells finish), so the cells that share a fine-tune run in one process."""
+    order = list(dict.fromkeys(c.training for c in cells))
+    return order.index(cell.training) % n
 
 
 def read_records(jsonl: Path) -> list[dict]:
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {tuple(r[k] for k in ("task", "seed", "method", "target")) + (r.get("distill", False),)
             for r in read_records(jsonl)}
     cells = [c for c in plan(args) if c.key not in done]
-    mine = [c for j, c in enumerate(plan(args)) if j % n == i and c.key not in done]  # shards of the whole plan
+    mine = [c for c in cells if shard_of(c, plan(args), n) == i]
     study = Study(args)
     if mine:
         speed = measure_throughput(study, mine[0].task)
