@@ -1,0 +1,30 @@
+"""SNIP's numbers did not move when the recipe became shared by every method: a seeded tiny run today gives the
+losses, function norms and removed branches that the code before the refactor gave (tests/data/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from minisnip.__main__ import METHODS
+from minisnip.pruning.recipe import PruneConfig, run_prune
+from minisnip.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REFERENCE = json.loads((Path(__file__).parent / "data" / "snip_tiny_before_refactor.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["snip", "snip-no-sn", "snip-no-prior"])
+def test_snip_numbers_equal_those_before_the_refactor(name, tiny_folder, glue_fixtures_dir, tmp_path):
+    module, overrides = METHODS[name]
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, max_length=32, progress=False)
+    result = run_prune("mrpc", tmp_path / name, name, module, module.Config(**overrides), PruneConfig(target=0.5),
+                       tiny_folder, glue_fixtures_dir, cfg, plots=False)
+    pruning = json.loads((tmp_path / name / "pruning.json").read_text())
+    want = REFERENCE["runs"][name]
+    assert pruning["removed"] == want["removed"] and result["compression"] == want["compression"]
+    assert result["scores"]["finetuned"]["dev"]["loss"] == pytest.approx(want["dense_loss"], rel=1e-5)
+    assert result["scores"]["pruned"]["dev"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert pruning["scores"] == pytest.approx(want["norms"], rel=1e-4)
