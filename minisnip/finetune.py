@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from .checkpoint import default_model_path, write_json
 from .data import Encoded, encode_dataset
 from .glue import GLUE_DIR_ENV, GlueDataError, GlueTask, get_task, load_split
 from .model import BertForSequenceClassification
-from .rundir import RunDir
+from .rundir import RunDir, recorded
 from .tokenizer import Tokenizer, load_tokenizer
-from .train import History, TrainConfig, fit, set_seed
+from .train import TrainConfig, fit, set_seed
 
 
 @dataclass
@@ -141,25 +140,10 @@ def new_classifier(model_path: Path, task: GlueTask, seed: int) -> BertForSequen
 def finetune_into(folder: Path, model: BertForSequenceClassification, tokenizer: Tokenizer, data: TaskData,
                   cfg: TrainConfig, model_path: Path) -> dict:
     """Fine-tune `model`, writing result.json (status first "running", then how it ended) and best/ into `folder`."""
-    result = {"status": "running", "task": data.task.name, "model": str(model_path), "data": data.info,
-              "hparams": asdict(cfg), "seed": cfg.seed, "environment": environment()}
-    write_json(folder / "result.json", result)
-    t0 = time.perf_counter()
-    history: History | None = None
-    try:
-        history = fit(model, tokenizer, data.task, data.train, data.dev, cfg, out_dir=folder)
-        result["status"] = "completed"
-    except KeyboardInterrupt:
-        result["status"] = "interrupted"
-        raise
-    except Exception as e:
-        result["status"] = f"failed: {type(e).__name__}: {e}"
-        raise
-    finally:
-        result["wall_seconds"] = time.perf_counter() - t0
-        if history is not None:
-            result.update(history.to_dict())
-        write_json(folder / "result.json", result)
+    result = {"task": data.task.name, "model": str(model_path), "data": data.info, "hparams": asdict(cfg),
+              "seed": cfg.seed, "environment": environment()}
+    with recorded(result, folder / "result.json"):
+        result.update(fit(model, tokenizer, data.task, data.train, data.dev, cfg, out_dir=folder).to_dict())
     return result
 
 

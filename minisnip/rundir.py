@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -122,4 +123,26 @@ class RunDir:
             self.work = None
 
 
-__all__ = ["OWNED_NAMES", "RunDir", "RunDirError", "RunFailed", "owned"]
+@contextmanager
+def recorded(result: dict, path: Path) -> Iterator[dict]:
+    """Write `result` to `path` with status "running", then again with how the block ended ("completed",
+    "interrupted", "failed: <error>") and its wall time: a run file never claims more than happened."""
+    from .checkpoint import write_json
+    result["status"] = "running"
+    write_json(path, result)
+    t0 = time.perf_counter()
+    try:
+        yield result
+        result["status"] = "completed"
+    except KeyboardInterrupt:
+        result["status"] = "interrupted"
+        raise
+    except Exception as e:
+        result["status"] = f"failed: {type(e).__name__}: {e}"
+        raise
+    finally:
+        result["wall_seconds"] = time.perf_counter() - t0
+        write_json(path, result)
+
+
+__all__ = ["OWNED_NAMES", "RunDir", "RunDirError", "RunFailed", "owned", "recorded"]

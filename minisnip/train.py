@@ -27,7 +27,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -168,6 +168,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, extra_g
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+H = TypeVar("H", bound=TrainHook)
+
+
+def the_hook(hooks: Sequence[TrainHook], cls: type[H]) -> H:
+    """The one hook of type `cls` among `hooks` (a method finds its own hook again after fine-tuning)."""
+    found = [h for h in hooks if isinstance(h, cls)]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one {cls.__name__} among the training hooks, got {len(found)}")
+    return found[0]
 
 
 @dataclass

@@ -51,7 +51,7 @@ from ..pruning.compression import dense_encoder_linear_params, encoder_linear_pa
 from ..pruning.gates import GateLayout, clear_gates
 from ..pruning.removal import canonical_names
 from ..surgery import encoder_of
-from ..train import StepContext, TrainHook
+from ..train import StepContext, TrainHook, the_hook
 from .l0 import check_field
 
 STRUCTURED = True
@@ -210,17 +210,10 @@ def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: in
     return [SubsetGates(model, cfg, target, total_steps, kinds, neuron_group_size)]
 
 
-def _hook(hooks: Sequence[TrainHook]) -> SubsetGates:
-    found = [h for h in hooks if isinstance(h, SubsetGates)]
-    if len(found) != 1:
-        raise ValueError(f"expected the one SubsetGates hook of training_hooks, got {len(found)}")
-    return found[0]
-
-
 def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
            neuron_group_size: int) -> dict[str, float]:
     """The learned logits w by branch name (`calib` is not needed)."""
-    hook = _hook(hooks)
+    hook = the_hook(hooks, SubsetGates)
     if [b.name for b in list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)] != hook.names:
         raise ValueError("the model's branches changed since the logits were made (pruned in between?)")
     return dict(zip(hook.names, hook.logits.detach().cpu().tolist()))
@@ -229,7 +222,7 @@ def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: t
 def select(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...], neuron_group_size: int,
            target: float) -> list[str]:
     """Remove all but the k branches with the largest logits (canonical names): exactly k stay."""
-    hook = _hook(hooks)
+    hook = the_hook(hooks, SubsetGates)
     if target != hook.target:
         raise ValueError(f"DSP was trained for target {hook.target}, asked to select for {target}")
     w = scores(model, hooks, calib, kinds, neuron_group_size)

@@ -76,7 +76,7 @@ from ..pruning.compression import dense_encoder_linear_params, encoder_linear_pa
 from ..pruning.gates import GateLayout, clear_gates
 from ..pruning.select import select_for_target
 from ..surgery import encoder_of
-from ..train import StepContext, TrainHook
+from ..train import StepContext, TrainHook, the_hook
 
 STRUCTURED = True
 USES_DISTILLATION = False
@@ -261,19 +261,12 @@ def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: in
     return [L0Gates(model, cfg, target, total_steps, kinds, neuron_group_size)]
 
 
-def _hook(hooks: list[TrainHook]) -> L0Gates:
-    found = [h for h in hooks if isinstance(h, L0Gates)]
-    if len(found) != 1:
-        raise ValueError(f"expected the one L0Gates hook of training_hooks, got {len(found)}")
-    return found[0]
-
-
 def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
            neuron_group_size: int) -> dict[str, float]:
     """log α of every branch: sorts as the test-time gate ẑ does, ties at ẑ = 0 and 1 broken by log α.
 
     `calib` is not needed (the gates were learned during fine-tuning)."""
-    hook = _hook(hooks)
+    hook = the_hook(hooks, L0Gates)
     names = [b.name for b in list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)]
     if names != hook.names:
         raise ValueError("the model's branches changed since the gates were made (pruned in between?)")
@@ -301,7 +294,7 @@ def fold_gates(model: nn.Module) -> None:
 
 def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
     """Fold the test-time gates ẑ into the weights (cfg.fold_gates), then take every gate off the model."""
-    hook = _hook(hooks)
+    hook = the_hook(hooks, L0Gates)
     if hook.cfg.fold_gates:
         hook.layout.apply(model, hook.deterministic())
         fold_gates(model)

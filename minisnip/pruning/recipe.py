@@ -17,7 +17,6 @@ through `minisnip.rundir.RunDir`: nothing on disk changes until every input is c
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +28,7 @@ from ..checkpoint import default_model_path, save_pretrained, write_json
 from ..config import BertConfig
 from ..data import Encoded, iterate, length_bucketed_batches
 from ..finetune import TaskData, environment, load_task_data, new_classifier, short_name
-from ..rundir import RunDir
+from ..rundir import RunDir, recorded
 from ..surgery import PruningError
 from ..tokenizer import Tokenizer, load_tokenizer
 from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit
@@ -300,54 +299,41 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
     dense_config = BertConfig.from_dict(model.config.to_dict())
     main = data.task.main_metric
     split = next(iter(data.dev))
-    result = {"status": "running", "task": data.task.name, "method": method_name, "model": str(model_path),
+    result = {"task": data.task.name, "method": method_name, "model": str(model_path),
               "data": data.info, "hparams": asdict(train_cfg), "prune": asdict(cfg), "method_config": asdict(method_cfg),
               "seed": train_cfg.seed, "environment": environment(), "main_metric": main,
               "compression_definition": COMPRESSION_DEFINITION,
               "teacher": str(teacher_path) if teacher_path is not None else None}
-    with run.writing() as work:
-        write_json(work / "result.json", result)
-        t0 = time.perf_counter()
-        try:
-            if distill is not None and teacher is None:  # the fine-tuned dense model, fine-tuned here first
-                teacher = new_classifier(model_path, data.task, train_cfg.seed)
-                history = fit(teacher, tokenizer, data.task, data.train, data.dev, train_cfg)
-                save_pretrained(teacher, work / "teacher", tokenizer=tokenizer)
-                result["teacher"] = {"fine_tuned_by_this_run": "teacher/", "dev": history.best_metrics}
-            outcome = prune(model, tokenizer, data, method, method_cfg, cfg, train_cfg, teacher=teacher,
-                            log=print if train_cfg.progress else (lambda *a: None))
-            result["compression"] = outcome.report["compression"]
-            if "sparsity" in outcome.report:
-                result["sparsity"] = outcome.report["sparsity"]
-            result["structured"] = method.STRUCTURED
-            result["dense_score"] = outcome.dev["finetuned"][split][main]
-            result["score"] = outcome.dev.get("pruned", outcome.dev["finetuned"])[split][main]
-            result["scores"] = outcome.dev
-            write_json(work / "pruning.json", {
-                "method": method_name, "target": cfg.target, "threshold": cfg.threshold, "tau_effective": outcome.tau,
-                "compression": result["compression"], "compression_definition": COMPRESSION_DEFINITION,
-                "why": f"removed: the branches with the smallest scores ({method.DESCRIPTION}) until the target "
-                       "was met, or those under the threshold" if method.STRUCTURED else
-                       f"zeros inside the encoder's linear layers ({method.DESCRIPTION})",
-                "removed": outcome.removed, "scores": outcome.scores, "branches": outcome.branches,
-                "report": outcome.report, "layers": [asdict(l) for l in model.config.layers]})
-            save_pretrained(model, work / "pruned", tokenizer=tokenizer)
-            if plots and outcome.scores:
-                from ..plots import plot_kept_map, plot_norms_per_layer
-                plot_norms_per_layer(outcome.scores, outcome.removed, work / "norms_per_layer.png",
-                                     title=f"{data.task.display}: branch scores after fine-tuning ({method_name})")
-                plot_kept_map(dense_config, model.config, work / "kept_map.png",
-                              title=f"{data.task.display}: kept branches at compression {result['compression']:.2f}")
-            result["status"] = "completed"
-        except KeyboardInterrupt:
-            result["status"] = "interrupted"
-            raise
-        except Exception as e:
-            result["status"] = f"failed: {type(e).__name__}: {e}"
-            raise
-        finally:
-            result["wall_seconds"] = time.perf_counter() - t0
-            write_json(work / "result.json", result)
+    with run.writing() as work, recorded(result, work / "result.json"):
+        if distill is not None and teacher is None:  # the fine-tuned dense model, fine-tuned here first
+            teacher = new_classifier(model_path, data.task, train_cfg.seed)
+            history = fit(teacher, tokenizer, data.task, data.train, data.dev, train_cfg)
+            save_pretrained(teacher, work / "teacher", tokenizer=tokenizer)
+            result["teacher"] = {"fine_tuned_by_this_run": "teacher/", "dev": history.best_metrics}
+        outcome = prune(model, tokenizer, data, method, method_cfg, cfg, train_cfg, teacher=teacher,
+                        log=print if train_cfg.progress else (lambda *a: None))
+        result["compression"] = outcome.report["compression"]
+        if "sparsity" in outcome.report:
+            result["sparsity"] = outcome.report["sparsity"]
+        result["structured"] = method.STRUCTURED
+        result["dense_score"] = outcome.dev["finetuned"][split][main]
+        result["score"] = outcome.dev.get("pruned", outcome.dev["finetuned"])[split][main]
+        result["scores"] = outcome.dev
+        write_json(work / "pruning.json", {
+            "method": method_name, "target": cfg.target, "threshold": cfg.threshold, "tau_effective": outcome.tau,
+            "compression": result["compression"], "compression_definition": COMPRESSION_DEFINITION,
+            "why": f"removed: the branches with the smallest scores ({method.DESCRIPTION}) until the target "
+                   "was met, or those under the threshold" if method.STRUCTURED else
+                   f"zeros inside the encoder's linear layers ({method.DESCRIPTION})",
+            "removed": outcome.removed, "scores": outcome.scores, "branches": outcome.branches,
+            "report": outcome.report, "layers": [asdict(l) for l in model.config.layers]})
+        save_pretrained(model, work / "pruned", tokenizer=tokenizer)
+        if plots and outcome.scores:
+            from ..plots import plot_kept_map, plot_norms_per_layer
+            plot_norms_per_layer(outcome.scores, outcome.removed, work / "norms_per_layer.png",
+                                 title=f"{data.task.display}: branch scores after fine-tuning ({method_name})")
+            plot_kept_map(dense_config, model.config, work / "kept_map.png",
+                          title=f"{data.task.display}: kept branches at compression {result['compression']:.2f}")
     return result
 
 
