@@ -10,10 +10,11 @@ The field names of the sizes are those of a Hugging Face `config.json`, so such 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
+
+from .checks import is_int, is_number
 
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 PROBLEM_TYPES = (None, "regression", "single_label_classification")
@@ -23,30 +24,22 @@ class ConfigError(ValueError):
     """A config value is missing, of the wrong type, or contradicts another one."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, not a size to us
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_probability(v: Any) -> bool:
-    return _is_number(v) and 0.0 <= v < 1.0
+    return is_number(v) and 0.0 <= v < 1.0
 
 
 # field -> (rule, what the rule allows): one table for every scalar field of BertConfig
 FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{name: (lambda v: _is_int(v) and v >= 1, "a positive integer")
+    **{name: (lambda v: is_int(v) and v >= 1, "a positive integer")
        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                     "max_position_embeddings", "type_vocab_size", "num_labels")},
     "hidden_act": (lambda v: isinstance(v, str) and v in SUPPORTED_ACTIVATIONS, f"one of {SUPPORTED_ACTIVATIONS}"),
     "hidden_dropout_prob": (_is_probability, "a number in [0, 1)"),
     "attention_probs_dropout_prob": (_is_probability, "a number in [0, 1)"),
     "classifier_dropout": (lambda v: v is None or _is_probability(v), "null or a number in [0, 1)"),
-    "layer_norm_eps": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
-    "initializer_range": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    "pad_token_id": (lambda v: v is None or (_is_int(v) and v >= 0), "null or a token id in [0, vocab_size)"),
+    "layer_norm_eps": (lambda v: is_number(v) and v > 0, "a positive finite number"),
+    "initializer_range": (lambda v: is_number(v) and v >= 0, "a finite number >= 0"),
+    "pad_token_id": (lambda v: v is None or (is_int(v) and v >= 0), "null or a token id in [0, vocab_size)"),
     "problem_type": (lambda v: v in PROBLEM_TYPES, "null, 'regression' or 'single_label_classification'"),
     "finetuning_task": (lambda v: v is None or isinstance(v, str), "null or a task name"),
 }
@@ -60,9 +53,9 @@ def _layer_shape(i: int, l: Any) -> LayerShape:
         heads, ffn_dim = l["heads"], l["ffn_dim"]
     else:
         raise ConfigError(f"field 'layers[{i}]' must be an object with 'heads' and 'ffn_dim', got {l!r}")
-    if not isinstance(heads, (list, tuple)) or not all(_is_int(h) for h in heads):
+    if not isinstance(heads, (list, tuple)) or not all(is_int(h) for h in heads):
         raise ConfigError(f"field 'layers[{i}].heads' must be a list of integer head indices, got {heads!r}")
-    if not _is_int(ffn_dim):
+    if not is_int(ffn_dim):
         raise ConfigError(f"field 'layers[{i}].ffn_dim' must be an integer, got {ffn_dim!r}")
     return LayerShape(heads=list(heads), ffn_dim=ffn_dim)
 

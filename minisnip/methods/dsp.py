@@ -51,8 +51,8 @@ from ..pruning.compression import dense_encoder_linear_params, encoder_linear_pa
 from ..pruning.gates import GateLayout, clear_gates
 from ..pruning.removal import canonical_names
 from ..surgery import encoder_of
+from ..checks import check_field
 from ..train import StepContext, TrainHook, the_hook
-from .l0 import check_field
 
 STRUCTURED = True
 USES_DISTILLATION = False

@@ -45,8 +45,8 @@ from ..pruning.gates import GateLayout, clear_gates
 from ..pruning.removal import RemovalPlan
 from ..pruning.select import select_for_target
 from ..surgery import encoder_of
+from ..checks import check_field
 from ..train import TrainHook
-from .l0 import check_field
 
 STRUCTURED = True
 USES_DISTILLATION = False

@@ -76,6 +76,7 @@ from ..pruning.compression import dense_encoder_linear_params, encoder_linear_pa
 from ..pruning.gates import GateLayout, clear_gates
 from ..pruning.select import select_for_target
 from ..surgery import encoder_of
+from ..checks import check_field
 from ..train import StepContext, TrainHook, the_hook
 
 STRUCTURED = True
@@ -117,13 +118,6 @@ class Config:
             raise ValueError(f"fold_gates must be True or False, got fold_gates={self.fold_gates!r}")
         if self.eval_gates not in EVAL_GATES:
             raise ValueError(f"eval_gates must be one of {EVAL_GATES}, got eval_gates={self.eval_gates!r}")
-
-
-def check_field(cfg: object, name: str, ok, what: str) -> None:
-    """ValueError naming the field and its value unless it is a finite real number for which ok(v) holds."""
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-        raise ValueError(f"{name} must be {what}, got {name}={v!r}")
 
 
 # --- the hard concrete distribution (Louizos et al. 2018, Sec. 4) --------------------------------------------

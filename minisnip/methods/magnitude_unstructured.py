@@ -35,13 +35,13 @@ SparseBERT (`sparsebert.py`) reuses these hooks with distillation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_field, is_int
 from ..pruning.compression import encoder_linears, sparsity
 from ..pruning.gates import clear_gates
 from ..pruning.schedule import cubic_sparsity, schedule_steps
@@ -82,12 +82,6 @@ def smallest_masks(importances: Sequence[Tensor], share: float, scope: str) -> l
 
 # --- the method's hyper-parameters and hook ------------------------------------------------------------------
 
-def _check_share(cls: str, name: str, value, upper: float = 1.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0.0 <= value <= upper:
-        raise ValueError(f"{cls}.{name} must be a number in [0, {upper:g}], got {name}={value!r}")
-
-
 @dataclass
 class Config:
     """scope: "per-matrix" (each matrix to the scheduled sparsity) or "global" (one ranking of |W|);
@@ -104,10 +98,10 @@ class Config:
         name = type(self).__name__
         if self.scope not in SCOPES:
             raise ValueError(f"{name}.scope must be one of {SCOPES}, got scope={self.scope!r}")
-        if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) or self.update_every < 1:
+        if not is_int(self.update_every) or self.update_every < 1:
             raise ValueError(f"{name}.update_every must be an integer >= 1, got update_every={self.update_every!r}")
         for field_name in ("warmup", "cooldown", "initial_sparsity"):
-            _check_share(name, field_name, getattr(self, field_name))
+            check_field(self, field_name, lambda v: 0 <= v <= 1, "a number in [0, 1]")
         if self.warmup + self.cooldown > 1:
             raise ValueError(f"{name}.warmup + cooldown must not exceed 1, got warmup={self.warmup}, "
                              f"cooldown={self.cooldown}")

@@ -16,7 +16,6 @@ through `minisnip.rundir.RunDir`: nothing on disk changes until every input is c
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +23,7 @@ from typing import Sequence
 
 from torch import nn
 
+from ..checks import is_int, is_number
 from ..checkpoint import default_model_path, save_pretrained, write_json
 from ..config import BertConfig
 from ..data import Encoded, iterate, length_bucketed_batches
@@ -61,30 +61,25 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.target is not None and self.threshold is not None:
             raise ValueError("give at most one of target (a compression in (0, 1)) and threshold (τ ≥ 0)")
-        if self.target is not None and not (_is_number(self.target) and 0 < self.target < 1):
+        if self.target is not None and not (is_number(self.target) and 0 < self.target < 1):
             raise ValueError(f"target compression must lie in (0, 1), got {self.target!r}")
-        if self.threshold is not None and not (_is_number(self.threshold) and self.threshold >= 0):
+        if self.threshold is not None and not (is_number(self.threshold) and self.threshold >= 0):
             raise ValueError(f"threshold must be a finite number ≥ 0, got {self.threshold!r}")
         self.kinds = check_kinds(self.kinds, 1 if "neurons" in self.kinds else None)
         if self.neuron_group_size is not None:
-            if not (isinstance(self.neuron_group_size, int) and not isinstance(self.neuron_group_size, bool)
-                    and self.neuron_group_size >= 1):
+            if not (is_int(self.neuron_group_size) and self.neuron_group_size >= 1):
                 raise ValueError(f"neuron_group_size must be an integer ≥ 1, got {self.neuron_group_size!r}")
             if "neurons" not in self.kinds:
                 raise ValueError(f"neuron_group_size={self.neuron_group_size} is set but 'neurons' is not among "
                                  f"kinds {self.kinds}")
         for name in ("calibration_examples", "recovery_epochs"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "calibration_examples" else 0):
+            if not is_int(value) or value < (1 if name == "calibration_examples" else 0):
                 raise ValueError(f"{name} must be an integer ≥ {1 if name == 'calibration_examples' else 0}, got {value!r}")
 
     @property
     def prunes(self) -> bool:
         return self.target is not None or self.threshold is not None
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def check_method(method: ModuleType, cfg: PruneConfig) -> None:
