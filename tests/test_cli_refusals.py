@@ -234,3 +234,19 @@ def test_divergence_message_names_no_checkpoint_that_was_never_written(tiny_fold
         fit(model, tokenizer, data.task, data.train, data.dev, TrainConfig(epochs=1, batch_size=4, progress=False),
             out_dir=tmp_path, hooks=[NanAtOnce()])
     assert "best" not in str(e.value) and not (tmp_path / "best").exists()
+
+
+def test_offline_without_glue_dir_says_how_to_pass_one(tmp_path):
+    """Offline, no --glue-dir, no MINISNIP_GLUE_DIR, and a glue/ folder in the working directory (which the
+    `datasets` library once took for a local dataset): one line saying what was tried and what to pass."""
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "glue").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MINISNIP_GLUE_DIR"}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "minisnip", "finetune", "--task", "rte", "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "nyu-mll/glue" in proc.stderr and "--glue-dir" in proc.stderr and "MINISNIP_GLUE_DIR" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["glue"]
