@@ -38,6 +38,7 @@ METHODS: dict[str, tuple[ModuleType, dict]] = {
     "snip": (snip_method, {}),
     "snip-no-sn": (snip_method, {"spectral_norm": False}),
     "snip-no-prior": (snip_method, {"prior": False, "spectral_norm": False}),
+    "snip-prox": (snip_method, {"prior_step": "proximal"}),
     "magnitude": (magnitude, {}),
     "magnitude-unstructured": (magnitude_unstructured, {}),
     "movement": (movement, {"variant": "hard"}),

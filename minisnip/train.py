@@ -53,6 +53,7 @@ class StepContext:
     logits: Tensor | None = None
     loss: Tensor | None = None  # the task loss of this batch
     traces: list[LayerTrace] | None = None  # one per layer when a hook needs them
+    lr: float = 0.0  # the learning rate of this step (the model's parameter groups)
 
     @property
     def mask(self) -> Tensor:
@@ -293,7 +294,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                                 tokenizer):
             batch = {k: v.to(device) for k, v in batch.items()}
             ctx = StepContext(step=history.steps + 1, total_steps=total_steps, epoch=epoch, model=model, batch=batch,
-                              traces=[] if want_traces else None)
+                              traces=[] if want_traces else None, lr=o.opt.param_groups[0]["lr"])
             for h in hooks:
                 h.before_forward(ctx)
             with autocast(device, dtype):

@@ -163,3 +163,57 @@ def test_minimising_the_prior_drives_branches_to_identity():
     # each token is LayerNorm'd: zero mean and (LN weight-scaled) unit spread, not collapsed, not exploding
     assert real.mean(-1).abs().max() < 1e-2 + m.layers[-1].ffn_norm.bias.abs().max()
     assert math.isfinite(real.std().item()) and real.std().item() > 0.1
+
+
+# --- the proximal step ----------------------------------------------------------------------------------------
+def test_group_prox_is_block_soft_thresholding():
+    """Against the closed form on hand-made groups: shrink by t / ||W_g||, exactly zero at or below t."""
+    from minisnip.snip.prior import group_prox_
+    w = torch.tensor([[[3.0, 0.0], [0.3, 0.4], [1.0, 1.0]],
+                      [[4.0, 0.0], [0.0, 0.0], [1.0, -1.0]]])  # (rows 2, groups 3, cols 2)
+    norms = torch.tensor([5.0, 0.5, 2.0])
+    t = torch.tensor([1.0, 0.5, 3.0])
+    expected = w * (1 - t / norms).clamp_min(0).view(1, -1, 1)
+    group_prox_([w], [t])
+    assert torch.allclose(w, expected)
+    assert torch.equal(w[:, 1], torch.zeros(2, 2)) and torch.equal(w[:, 2], torch.zeros(2, 2))  # at and below t
+    assert torch.allclose(w[:, 0].norm(), torch.tensor(4.0))  # 5 shrunk by 1
+
+
+def test_proximal_prior_zeroes_small_branches_exactly_and_they_leave_the_function():
+    """A prox step with t above some heads' output-weight norms: those heads' W_O columns are exactly zero, so
+    their function norm is exactly 0 and removing them changes nothing."""
+    from minisnip.pruning import apply_pruning
+    from minisnip.snip.prior import ProximalPrior, output_weight_groups
+    from minisnip.train import StepContext
+    m = make_model()
+    heads = output_weight_groups(m, ("head",), None)[0]  # layer 0's W_O as (hidden, heads, d)
+    with torch.no_grad():
+        heads[:, :2] *= 0.01  # two small heads
+    norms = heads.detach().pow(2).sum(dim=(0, 2)).sqrt()
+    hook = ProximalPrior(1.0, ("head",), None, weights=None)
+    lr = float((norms[:2].max() + norms[2:].min()) / 2)  # t = lr * λ between the small and the large norms
+    hook.after_step(StepContext(step=1, total_steps=1, epoch=1, model=m, batch={}, lr=lr))
+    after = output_weight_groups(m, ("head",), None)[0].pow(2).sum(dim=(0, 2)).sqrt()
+    assert torch.equal(after[:2], torch.zeros(2)) and (after[2:] > 0).all()
+    assert torch.allclose(after[2:], norms[2:] - lr, atol=1e-6)
+    ids, mask = make_batch()
+    fn = function_norms(m, [{"input_ids": ids, "attention_mask": mask}], kinds=("head",))
+    assert fn["layer0.head0"] == 0.0 and fn["layer0.head1"] == 0.0
+    import copy
+    pruned = copy.deepcopy(m)
+    apply_pruning(pruned, ["layer0.head0", "layer0.head1"])
+    with torch.no_grad():
+        assert torch.allclose(m(ids, mask), pruned(ids, mask), atol=1e-6)
+
+
+def test_proximal_prior_acts_on_the_weight_under_spectral_normalization():
+    from minisnip.snip.prior import ProximalPrior
+    from minisnip.snip.spectral import apply_spectral_norm
+    from minisnip.train import StepContext
+    m = make_model()
+    apply_spectral_norm(m)
+    hook = ProximalPrior(1.0, ("head",), None, weights=None)
+    hook.after_step(StepContext(step=1, total_steps=1, epoch=1, model=m, batch={}, lr=1e6))  # t above every norm
+    for layer in m.layers:
+        assert torch.equal(layer.attention.out.weight, torch.zeros_like(layer.attention.out.weight))

@@ -34,10 +34,12 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..model import LayerTrace
 from ..train import StepContext, TrainHook
 from ..pruning.branches import DEFAULT_KINDS, branch_params, resolve_kinds
+from ..surgery import encoder_of
 from .norms import batch_sq_norms
 
 _EPS = 1e-20
@@ -116,4 +118,86 @@ class PriorPenalty(TrainHook):
         return self(ctx.model, ctx.traces, ctx.mask)
 
 
-__all__ = ["PriorPenalty", "identity_prior"]
+def output_weight_groups(model: nn.Module, kinds: Iterable[str], neuron_group_size: int | None) -> list[Tensor]:
+    """The output weights of every branch, grouped: per layer, W_O viewed as (hidden, heads, d) for heads and
+    W_2 viewed as (hidden, groups, g) for neuron groups (the last group zero-padded is not allowed: the width
+    must be a multiple of g). Views of the trainable tensors (under SN: of the weight before normalization),
+    so an in-place change of a group changes the model."""
+    kinds, neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
+    blocks = [k for k in kinds if k in ("attention", "ffn")]
+    if blocks:
+        raise ValueError(f"the proximal step acts on heads and neuron groups (their output weights); kinds {blocks} "
+                         "are whole blocks, which it leaves to the thresholding")
+    out = []
+    for layer in encoder_of(model).layers:
+        if "head" in kinds and layer.attention is not None:
+            a = layer.attention
+            out.append(_trainable_weight(a.out).view(a.out.out_features, a.num_heads, a.head_dim))
+        if "neurons" in kinds and layer.ffn is not None:
+            w = _trainable_weight(layer.ffn.down)
+            if w.shape[1] % neuron_group_size:
+                raise ValueError(f"the proximal step needs FFN widths that are multiples of the group size "
+                                 f"{neuron_group_size}, got {w.shape[1]}")
+            out.append(w.view(w.shape[0], -1, neuron_group_size))
+    return out
+
+
+def _trainable_weight(linear: nn.Linear) -> Tensor:
+    if parametrize.is_parametrized(linear, "weight"):
+        return linear.parametrizations.weight.original
+    return linear.weight
+
+
+@torch.no_grad()
+def group_prox_(groups: Sequence[Tensor], thresholds: Sequence[Tensor | float]) -> None:
+    """The proximal operator of t ||W_g|| for every group g, in place (block soft-thresholding):
+
+        W_g <- W_g * max(0, 1 - t_g / ||W_g||)
+
+    It shrinks each group toward zero and sets it exactly to zero when ||W_g|| <= t_g. `groups` are
+    (rows, n_groups, cols) views (`output_weight_groups`); a group is W[:, g, :]; thresholds broadcast over
+    the groups of each tensor."""
+    for w, t in zip(groups, thresholds):
+        norms = w.pow(2).sum(dim=(0, 2)).sqrt()
+        scale = (1 - torch.as_tensor(t, dtype=w.dtype, device=w.device) / norms.clamp_min(1e-30)).clamp_min(0)
+        w.mul_(scale.view(1, -1, 1))
+
+
+class ProximalPrior(TrainHook):
+    """The identity prior as a proximal step instead of a loss term: after every optimiser step, the group
+    lasso λ_t Σ_m w_m ||W_m|| on each branch's OUTPUT weights (W_O's columns of a head, W_2's columns of a
+    neuron group) is applied by its proximal operator with the step's learning rate η (`group_prox_` with
+    t_m = η λ_t w_m). Unlike the subgradient of λ||f_m|| through AdamW, which shrinks norms but leaves them near
+    their size, it sets a branch's output weights, and so its function, EXACTLY to zero once they are small
+    enough: the thresholding then removes it without changing the network. λ_t warms up as in PriorPenalty.
+    Its λ lives on the scale of weight norms (an attention head's W_O block of MiniLM: ≈ 4), not of function
+    norms: `Config.prox_lambda`."""
+
+    def __init__(self, lam: float, kinds: Iterable[str], neuron_group_size: int | None,
+                 weights: None | str = "params", warmup_steps: int = 0) -> None:
+        self.ramp = PriorPenalty(lam, kinds, neuron_group_size, weights, warmup_steps)  # the same λ_t schedule
+        self._w: list[Tensor] | None = None
+
+    def _group_weights(self, model: nn.Module) -> list[Tensor]:
+        """w_m per group tensor, in the order of `output_weight_groups`: as the loss-term prior weighs them
+        (`_weights`: parameters of the branch, mean 1; or 1 each)."""
+        groups = output_weight_groups(model, self.ramp.kinds, self.ramp.neuron_group_size)
+        kinds, size = resolve_kinds(model, self.ramp.kinds, self.ramp.neuron_group_size)
+        names = list(branch_params(model, kinds, size))  # per layer: its heads, then its neuron groups
+        w = _weights(model, names, kinds, self.ramp.weights, size)
+        w = torch.ones(len(names)) if w is None else w.float()
+        return list(w.split([g.shape[1] for g in groups]))
+
+    def after_step(self, ctx: StepContext) -> None:
+        lam = self.ramp.strength()
+        self.ramp.step += 1
+        if self._w is None:
+            self._w = self._group_weights(ctx.model)
+        groups = output_weight_groups(ctx.model, self.ramp.kinds, self.ramp.neuron_group_size)
+        group_prox_(groups, [ctx.lr * lam * w for w in self._w])
+
+    def epoch_log(self) -> dict:
+        return {"prox_lambda_now": self.ramp.strength()}
+
+
+__all__ = ["PriorPenalty", "ProximalPrior", "group_prox_", "identity_prior", "output_weight_groups"]
