@@ -201,3 +201,24 @@ def test_training_keeps_sigma_under_bound(bound):
     ups = [n for n in originals if n.endswith("ffn.up")]
     assert any(originals[n] > c[n] * 1.001 for n in ups)  # the cap was active: unconstrained W grew past c
     assert model.bert.layers[0].ffn.up.parametrizations.weight.original.grad is not None
+
+
+def test_init_scale_puts_every_cap_that_share_below_sigma():
+    """init_scale s < 1: c = s σ(W) per matrix (Q, K, V each), so at step 0 each matrix is scaled by c / σ̂ < 1
+    (s itself where the power iteration has converged, as it has on QKV here)."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=16))
+    plain = {n: l.weight.detach().clone() for n, l in (("qkv", model.layers[0].attention.qkv),
+                                                          ("up", model.layers[0].ffn.up))}
+    apply_spectral_norm(model, which=("qkv", "up"), init_scale=0.8)
+    model.eval()
+    assert torch.allclose(model.layers[0].attention.qkv.weight, 0.8 * plain["qkv"], atol=1e-6)
+    from minisnip.snip.spectral import spectral_norm_exact
+    sn = model.layers[0].ffn.up.parametrizations.weight[0]
+    assert sn.bound.item() == pytest.approx(0.8 * spectral_norm_exact(plain["up"]).item(), rel=1e-5)
+    scale = (sn.bound / sn.sigma(plain["up"])).item()
+    assert scale < 1 and torch.allclose(model.layers[0].ffn.up.weight, scale * plain["up"], atol=1e-6)
+    assert not parametrize.is_parametrized(model.layers[0].attention.out)  # only the matrices asked for
+    with pytest.raises(ValueError, match="init_scale"):
+        apply_spectral_norm(BertModel(model.config), init_scale=1.5)

@@ -31,6 +31,7 @@ DESCRIPTION = "SNIP (Lin et al. 2020): identity prior + spectral normalization, 
 
 
 PRIOR_STEPS = ("subgradient", "proximal")
+SN_MATRICES = {"all": ("qkv", "out", "up", "down"), "ffn": ("up", "down"), "attention": ("qkv", "out")}
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Config:
     prior_warmup: float = 0.5  # share of fine-tuning steps over which λ ramps linearly from 0 to prior_lambda
     prior_weights: str | None = "params"  # w_m ∝ parameters of branch m (mean 1), or None for w_m = 1
     sn_bound: str | float = "init"  # "init": c = σ(W) at load time; or a positive constant such as 0.95
+    sn_scale: float = 1.0  # with sn_bound "init": c = sn_scale x σ(W) at load time (< 1: a shared scale below σ)
+    sn_matrices: str = "all"  # which branch matrices SN normalises: "all" (QKV, O, W_1, W_2), "ffn", "attention"
     prior_step: str = "subgradient"  # "subgradient": λ Σ w_m ||f_m|| in the loss; "proximal": prox of the group
     #                                  lasso on the branches' output weights after each step (prior.ProximalPrior)
     prox_lambda: float = 300.0  # λ of the proximal step, on the scale of output-weight norms (MiniLM: heads 3.6-7.3,
@@ -57,6 +60,11 @@ class Config:
             raise ValueError(f"prior_warmup must be a share of the fine-tuning steps in [0, 1], got {self.prior_warmup!r}")
         if self.prior_weights not in (None, "params"):
             raise ValueError(f"prior_weights must be None or 'params', got {self.prior_weights!r}")
+        if self.sn_matrices not in SN_MATRICES:
+            raise ValueError(f"sn_matrices must be one of {tuple(SN_MATRICES)}, got {self.sn_matrices!r}")
+        if not (isinstance(self.sn_scale, (int, float)) and not isinstance(self.sn_scale, bool)
+                and 0 < self.sn_scale <= 1):
+            raise ValueError(f"sn_scale must be a number in (0, 1], got {self.sn_scale!r}")
         if self.prior_step not in PRIOR_STEPS:
             raise ValueError(f"prior_step must be one of {PRIOR_STEPS}, got {self.prior_step!r}")
         if not (isinstance(self.prox_lambda, (int, float)) and math.isfinite(self.prox_lambda) and self.prox_lambda >= 0):
@@ -74,7 +82,7 @@ def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_st
                    neuron_group_size: int) -> list[TrainHook]:
     """Put SN on the branch matrices (when on) and return the prior's hook (when on)."""
     if cfg.spectral_norm:
-        apply_spectral_norm(model, bound=cfg.sn_bound)
+        apply_spectral_norm(model, which=SN_MATRICES[cfg.sn_matrices], bound=cfg.sn_bound, init_scale=cfg.sn_scale)
     if not cfg.uses_prior:
         return []
     warmup = round(cfg.prior_warmup * total_steps)

@@ -105,7 +105,7 @@ class SpectralNorm(nn.Module):
 
     weight: the (out, in) weight it will normalise (to size u, v and to set c). blocks: the number of
     stacked matrices along dim 0 (3 for the fused QKV), each normalised on its own. bound: "init" (c = σ of
-    each block now) or a float. n_power_iterations: steps per forward in training mode; in eval mode the
+    each block now, times init_scale) or a float. n_power_iterations: steps per forward in training mode; in eval mode the
     stored u, v are used as they are, so eval forwards have no side effect. init_iterations: steps run
     now so that u, v start close to the singular vectors.
     """
@@ -116,7 +116,7 @@ class SpectralNorm(nn.Module):
 
     def __init__(self, weight: Tensor, blocks: int = 1, bound: str | float = "init",
                  n_power_iterations: int = 1, init_iterations: int = 100, eps: float = 1e-12,
-                 seed: int = 0):
+                 seed: int = 0, init_scale: float = 1.0):
         super().__init__()
         if weight.dim() != 2 or weight.shape[0] % blocks:
             raise ValueError(f"expected a 2-d weight whose rows split into {blocks} blocks, got {tuple(weight.shape)}")
@@ -131,9 +131,13 @@ class SpectralNorm(nn.Module):
         self.register_buffer("u", F.normalize(u, dim=1, eps=eps))
         self.register_buffer("v", weight.new_zeros(blocks, mats.shape[2]))
         self._power_method(mats, init_iterations)
+        if not (isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool) and 0 < init_scale <= 1):
+            raise ValueError(f"init_scale must be a number in (0, 1], got {init_scale!r}")
         if bound == "init":
-            # c = σ(W) exactly; max with the estimate σ̂ (≤ σ up to rounding) makes the step-0 scale exactly 1
+            # c = σ(W) exactly; max with the estimate σ̂ (≤ σ up to rounding) makes the step-0 scale exactly 1;
+            # init_scale < 1 puts every matrix's cap that share below its σ (a shared scale, applied at step 0)
             c = torch.maximum(torch.stack([spectral_norm_exact(m) for m in mats]), self.sigma(weight.detach()))
+            c = c * init_scale if init_scale != 1 else c
         elif isinstance(bound, (int, float)) and not isinstance(bound, bool) and bound > 0:
             c = weight.new_full((blocks,), float(bound))
         else:
@@ -191,10 +195,11 @@ def _spectral_norms_of(linear: nn.Module) -> list[SpectralNorm]:
 
 
 def register_spectral_norm(linear: nn.Linear, blocks: int = 1, bound: str | float = "init",
-                           n_power_iterations: int = 1, init_iterations: int = 100) -> SpectralNorm:
+                           n_power_iterations: int = 1, init_iterations: int = 100,
+                           init_scale: float = 1.0) -> SpectralNorm:
     """Attach a `SpectralNorm` to one Linear's weight; returns it (its buffers: .u, .v, .bound)."""
     sn = SpectralNorm(linear.weight, blocks=blocks, bound=bound, n_power_iterations=n_power_iterations,
-                      init_iterations=init_iterations)
+                      init_iterations=init_iterations, init_scale=init_scale)
     # registration sets the parametrization to the host's mode and calls it once as a check: in eval mode
     # that call runs no power-iteration step, so attaching leaves u, v as initialised
     mode = linear.training
@@ -205,7 +210,7 @@ def register_spectral_norm(linear: nn.Linear, blocks: int = 1, bound: str | floa
 
 
 def apply_spectral_norm(model: nn.Module, which: Sequence[str] = BRANCH_MATRICES, bound: str | float = "init",
-                        n_power_iterations: int = 1, init_iterations: int = 100) -> list[str]:
+                        n_power_iterations: int = 1, init_iterations: int = 100, init_scale: float = 1.0) -> list[str]:
     """Register `SpectralNorm` on the chosen weights of every present branch; returns the Linear names.
 
     The fused `qkv` gets blocks=3 (W_Q, W_K, W_V each on its own). Works on a `BertModel` or a
@@ -218,7 +223,8 @@ def apply_spectral_norm(model: nn.Module, which: Sequence[str] = BRANCH_MATRICES
             raise ValueError(f"{name} already has spectral normalization; call remove_spectral_norm first")
     for name, linear in targets:
         register_spectral_norm(linear, blocks=3 if name.endswith(".qkv") else 1, bound=bound,
-                               n_power_iterations=n_power_iterations, init_iterations=init_iterations)
+                               n_power_iterations=n_power_iterations, init_iterations=init_iterations,
+                               init_scale=init_scale)
     return [name for name, _ in targets]
 
 
