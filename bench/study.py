@@ -48,10 +48,24 @@ from minisnip.pruning.compression import (COMPRESSION_DEFINITION, dense_encoder_
                                           encoder_linear_params)
 from minisnip.pruning.distill import DistillConfig  # noqa: E402
 from minisnip.pruning.recipe import PruneConfig, dev_scores, finetune_with, recover, remove  # noqa: E402
+from minisnip.snip import method as snip_method  # noqa: E402
 from minisnip.train import TrainConfig, fit  # noqa: E402
 
 PLAIN = ("snip-no-prior", "magnitude", "heads")  # methods whose fine-tuning is plain: one shared fine-tune
 DEFAULT_METHODS = list(METHODS)
+# SNIP's parts, measured one switch at a time (its Config fields; not command-line names): `--methods snip-sn-ffn ...`
+VARIANTS: dict[str, tuple] = {
+    "snip-sn-const": (snip_method, {"sn_bound": 0.95}),  # SNGP's constant cap c = 0.95
+    "snip-sn-scale0.9": (snip_method, {"sn_scale": 0.9}),  # a shared scale below each matrix's σ
+    "snip-sn-ffn": (snip_method, {"sn_matrices": "ffn"}),  # SN on the FFN matrices only
+    "snip-lambda1e-4": (snip_method, {"prior_lambda": 1e-4}),
+    "snip-lambda1e-3": (snip_method, {"prior_lambda": 1e-3}),
+    "snip-warmup0": (snip_method, {"prior_warmup": 0.0}),
+    "snip-unweighted": (snip_method, {"prior_weights": None}),
+    "snip-prox-lambda100": (snip_method, {"prior_step": "proximal", "prox_lambda": 100.0}),
+    "snip-prox-lambda1000": (snip_method, {"prior_step": "proximal", "prox_lambda": 1000.0}),
+}
+ALL = {**METHODS, **VARIANTS}
 UNSTRUCTURED_EXTRA = (0.9, 0.95)  # unstructured methods' papers claim their strength there
 
 
@@ -72,7 +86,7 @@ class Cell:
         """Cells with the same training share one fine-tune."""
         if self.method == "dense" or (self.method in PLAIN and not self.distill):
             return (self.task, self.seed, "plain", False)
-        module = METHODS[self.method][0]
+        module = ALL[self.method][0]
         if module.SCHEDULED:
             return self.key
         return (self.task, self.seed, self.method, self.distill)
@@ -87,12 +101,12 @@ def plan(args) -> list[Cell]:
             for target in args.targets:
                 for method in args.methods:
                     for distill in ([False, True] if args.distill else [False]):
-                        module = METHODS[method][0]
+                        module = ALL[method][0]
                         if distill and module.USES_DISTILLATION:
                             continue  # it always distils: the False cell is the distilled one
                         cells.append(Cell(task, seed, method, target, distill))
             for target in args.unstructured_targets:
-                cells += [Cell(task, seed, m, target) for m in args.methods if not METHODS[m][0].STRUCTURED]
+                cells += [Cell(task, seed, m, target) for m in args.methods if not ALL[m][0].STRUCTURED]
     order = {t: i for i, t in enumerate([0.0, 0.5, *args.targets, *args.unstructured_targets])}
     return sorted(cells, key=lambda c: (c.seed, order[c.target], c.task))
 
@@ -170,7 +184,7 @@ class Study:
             history = fit(model, self.tokenizer, data.task, data.train, data.dev, train_cfg)
             hooks: list = []
         else:
-            module, overrides = METHODS[cell.method]
+            module, overrides = ALL[cell.method]
             # the teacher: a copy of the plain fine-tune (distillation freezes its teacher's parameters)
             teacher = copy.deepcopy(self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0))[0]) \
                 if cell.distill or module.USES_DISTILLATION else None
@@ -189,7 +203,7 @@ class Study:
         if cell.method == "dense":
             record.update(compression=0.0, before_recovery=finetuned[split][metric], score=finetuned[split][metric])
             return record
-        module = METHODS[cell.method][0]
+        module = ALL[cell.method][0]
         pruned = copy.deepcopy(model) if not module.SCHEDULED else model
         cfg = self.prune_cfg(cell)
         t0 = time.perf_counter()
@@ -337,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--unstructured-targets", type=float, nargs="*", default=list(UNSTRUCTURED_EXTRA))
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(ALL),
+                   help="names of minisnip's METHODS, or SNIP variants of this script's VARIANTS")
     p.add_argument("--distill", action="store_true", help="also run every method with distillation")
     p.add_argument("--max-train", type=int, default=4000)
     p.add_argument("--max-length", type=int, default=128)
