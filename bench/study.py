@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: two shards share 2 cores)")
-    p.add_argument("--shard", default="0/1", help="i/n: run every n-th cell starting at i")
+    p.add_argument("--shard", default="0/1", help="i/n: run shard i of n (whole trainings dealt round-robin)")
     p.add_argument("--quick", action="store_true", help="a few minutes: SST-2, 1 seed, 200 examples, 1 epoch, 50%%")
     p.add_argument("--summarize", action="store_true", help="only write <out>.json/.md/figures from <out>.jsonl")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"))

@@ -8,9 +8,14 @@
        unstructured methods: the zeros are already in the weights
     4. recovery fine-tuning of the pruned model (zeros kept in place for unstructured methods)
 
-A method is a plain module (`minisnip.snip.method`, `minisnip.methods.*`) with STRUCTURED, USES_DISTILLATION,
-DESCRIPTION, a `Config` dataclass and the functions above. The command line maps names to modules in one
-literal dict (`minisnip.__main__.METHODS`). `run_prune` writes result.json, pruning.json, pruned/ and plots
+A method is a plain module (`minisnip.snip.method`, `minisnip.methods.*`) holding
+
+    STRUCTURED, USES_DISTILLATION, SCHEDULED (its masks follow a schedule: keep the last epoch, not the best),
+    DESCRIPTION, a `Config` dataclass (its own settings, validated), training_hooks(), before_removal(),
+    scores() (structured methods), and optionally select() (selection that is not one sort), scores_at_load()
+    (scores that mean something before fine-tuning: lets a threshold be checked up front) and NEEDS_TARGET.
+
+The command line maps names to modules in one literal dict (`minisnip.__main__.METHODS`). `run_prune` writes result.json, pruning.json, pruned/ and plots
 through `minisnip.rundir.RunDir`: nothing on disk changes until every input is checked.
 """
 
@@ -36,8 +41,7 @@ from .branches import DEFAULT_KINDS, check_kinds, default_group_size, list_branc
 from .compression import (COMPRESSION_DEFINITION, compression, compression_with_zeros,
                           dense_encoder_linear_params, encoder_linears, sparsity)
 from .distill import DistillConfig, DistillHook
-from .removal import RemovalPlan
-from .removal import apply_pruning
+from .removal import RemovalPlan, apply_pruning
 from .select import select_below_threshold, select_for_target
 
 
