@@ -1,0 +1,74 @@
+"""bench/bench_snip_overhead.py on the tiny model and the GLUE fixtures: the bookkeeping of its --quick path
+(rounds, paired steps, phases, profile attribution, files written); no timing thresholds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_run_writes_json_and_markdown(bench_script, tiny_folder, glue_fixtures_dir, tmp_path):
+    bench = bench_script("bench_snip_overhead")
+    results = bench.main(["--quick", "--model", str(tiny_folder), "--glue-dir", str(glue_fixtures_dir),
+                          "--task", "sst2", "--batch-size", "2", "--max-length", "32", "--max-train", "4",
+                          "--profile-steps", "1", "--threads", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "snip_overhead_sst2_quick.json").read_text())
+    assert data == json.loads(json.dumps(results["sst2"]))
+    assert {"machine", "settings", "task", "data", "runs", "profile", "summary"} <= set(data)
+    for key in ("torch", "cpu_model", "torch_threads", "device", "loadavg_1m_start"):
+        assert key in data["machine"]
+    s = data["settings"]
+    assert s["methods"] == ["snip", "snip-no-prior"] and s["rounds"] == 2 and s["quick"]
+
+    # rounds alternate the order: A B, B A
+    assert [(r["round"], r["method"]) for r in data["runs"]] == [
+        (0, "snip"), (0, "snip-no-prior"), (1, "snip-no-prior"), (1, "snip")]
+    for r in data["runs"]:
+        assert r["steps"] == 2 == len(r["phases"]) == len(r["step_losses"])  # 4 examples, batch 2, 1 epoch
+        assert _positive(r["train_seconds"]) and _positive(r["cpu_seconds"])
+        for step in r["phases"]:
+            assert step["total"] >= sum(step[k] for k in bench.PHASES) * 0.999
+            assert step["forward"] > 0 and step["backward"] > 0 and step["optimizer"] > 0
+            assert (step["prior"] > 0) == (r["method"] == "snip")
+        assert len(r["prior_values"]) == (2 if r["method"] == "snip" else 0)
+
+    summary = data["summary"]
+    for name, pm in summary["per_method"].items():
+        assert pm["rounds"] == 2 and pm["steps_per_round"] == 2
+        assert pm["deterministic"], name  # the same seed and batches: the same losses in every round
+        assert _positive(pm["step_ms_median"]) and _positive(pm["step_cpu_ms_mean"])
+    ratio = summary["ratios"]["snip / snip-no-prior"]
+    for key in ("step_time", "paired_step_median", "step_cpu_time", "fit_train_seconds", "cpu_time"):
+        assert _positive(ratio[key]), key
+    assert len(ratio["step_time_per_round"]) == 2
+
+    # the profile attributes every profiled op somewhere; only SNIP has SN and prior parts
+    prof = {p["method"]: p for p in data["profile"]}
+    assert set(prof) == {"snip", "snip-no-prior"}
+    for name, p in prof.items():
+        parts = p["self_cpu_ms_per_step"]
+        assert set(parts) == set(bench.PROFILE_KEYS) and p["steps"] == 1
+        assert parts["forward"] > 0 and parts["backward"] > 0 and parts["optimizer"] > 0
+        has = name == "snip"
+        for key in ("forward / SN", "prior", "backward / SN", "backward / prior"):
+            assert (parts[key] > 0) == has, (name, key)
+
+    table = (tmp_path / "snip_overhead_sst2_quick.md").read_text()
+    assert "| snip / snip-no-prior |" in table and "| snip |" in table and "backward / prior" in table
+
+
+def test_arguments_refused(bench_script, glue_fixtures_dir):
+    bench = bench_script("bench_snip_overhead")
+    for argv in (["--steps", "0"], ["--steps", "3", "--max-train", "8"], ["--methods", "snip"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--glue-dir", str(glue_fixtures_dir), *argv])
+    args = bench.parse_args(["--glue-dir", str(glue_fixtures_dir), "--steps", "3", "--batch-size", "4"])
+    assert args.max_train == 12 and args.epochs == 1
