@@ -150,6 +150,11 @@ def test_student_copy_imports_and_runs_what_is_not_blanked(made):
             "try:\n"
             "    attention_head(torch.ones(1, 2), torch.ones(1, 2), torch.ones(1, 2))\n"
             "except NotImplementedError as e:\n"
+            "    print('raised', e)\n"
+            "from minisnip.pruning.distill import distillation_loss\n"
+            "try:\n"
+            "    distillation_loss(torch.ones(1, 2), torch.ones(1, 2), 2.0)\n"
+            "except NotImplementedError as e:\n"
             "    print('raised', e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=made, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
@@ -158,20 +163,22 @@ def test_student_copy_imports_and_runs_what_is_not_blanked(made):
     assert Path(lines[0]).resolve() == (made / "minisnip" / "__init__.py").resolve()
     assert lines[1] == "(2, 5, 16) 12"
     assert lines[2].startswith("raised attention: compute softmax")
+    assert lines[3].startswith("raised distillation: convert both logits")
 
 
 # --- grading -----------------------------------------------------------------------------------------------------
 
 def test_fresh_copy_scores_zero_exactly_on_the_blanked_parts(tmp_path):
     out = tmp_path / "some"
-    make(out, ["attention", "power_iteration", "thresholding"])
+    blanked = {"attention", "power_iteration", "thresholding", "movement"}
+    make(out, sorted(blanked))
     report = grade(out, jobs=JOBS)
-    blanked = {"attention", "power_iteration", "thresholding"}
     assert scores(report) == {n: 0 if n in blanked else p for n, p in POINTS.items()}
     for r in report["parts"]:
         assert (r["status"], "not implemented" in r["reason"]) == (("failed", True) if r["name"] in blanked
                                                                   else ("passed", False)), r
-    assert (report["total"], report["max_total"]) == (sum(POINTS.values()) - 50, 100)
+    total = sum(POINTS.values())
+    assert (report["total"], report["max_total"]) == (total - sum(POINTS[n] for n in blanked), total)
     assert json.loads((out / MANIFEST).read_text())["parts"][0] == {"name": "attention", "points": 20, "blanked": True}
 
 
@@ -182,7 +189,7 @@ def test_unmodified_library_scores_full_marks_and_writes_json(restored, tmp_path
     assert all((restored / f).read_bytes() == (ROOT / f).read_bytes() for f in library)
     assert main(["grade", str(restored), "--out", str(tmp_path / "g.json"), "--jobs", str(JOBS)]) == 0
     report = json.loads((tmp_path / "g.json").read_text())
-    assert scores(report) == POINTS and report["total"] == report["max_total"] == 100
+    assert scores(report) == POINTS and report["total"] == report["max_total"] == sum(POINTS.values())
     assert all(c["passed"] for r in report["parts"] for c in r["checks"]) and len(report["parts"][0]["checks"]) >= 5
 
 
@@ -197,8 +204,15 @@ def test_wrong_hanging_or_crashing_parts_lose_only_their_points(restored, tmp_pa
           "return (mats * scale[:, None, None]).flatten(1)")  # wrong shape
     patch(folder / "minisnip/snip/prior.py", "    norms = (sums / count", "    while True: pass\n    norms = (sums / count")
     patch(folder / "minisnip/model.py", "        rows = torch.cat(", "        import os; os._exit(3)\n        rows = torch.cat(")
+    # movement: W' = W ⊙ M as before, but the scores get dL/dW' itself instead of dL/dW' ⊙ W
+    patch(folder / "minisnip/methods/movement.py",
+          "        return weight * StraightThroughMask.apply(self.state.scores, self.state.keep)",
+          "        keep = self.state.keep.to(weight.dtype)\n"
+          "        return weight * keep + StraightThroughMask.apply(self.state.scores, self.state.keep) - keep")
+    patch(folder / "minisnip/pruning/distill.py", "    return T * T * kl", "    return kl")  # without the T^2
     report = grade(folder, time_limit=5, jobs=JOBS)
-    broken = {"attention", "power_iteration", "spectral_rescale", "identity_prior", "keep_heads"}
+    broken = {"attention", "power_iteration", "spectral_rescale", "identity_prior", "keep_heads", "movement",
+              "distillation"}
     assert scores(report) == {n: 0 if n in broken else p for n, p in POINTS.items()}
     why = reasons(report)
     assert why["attention"].startswith("test_attention_head_matches_reference: attention_head, case 0")
@@ -207,6 +221,10 @@ def test_wrong_hanging_or_crashing_parts_lose_only_their_points(restored, tmp_pa
     assert "wrong shape (4, 30), expected (4, 6, 5)" in why["spectral_rescale"]
     assert why["identity_prior"] == "time limit of 5 s exceeded in test_value_matches_reference"
     assert why["keep_heads"].startswith("the checks stopped with exit status 3 in test_weights_match_reference")
+    assert why["movement"].startswith("test_masked_weight_matches_reference: MaskedWeight (torch.float64 weight): "
+                                      "the scores' gradient dL/dS: differs from the expected values")
+    assert why["distillation"].startswith("test_matches_reference: distillation_loss((4, 5) torch.float32, T=2.0): "
+                                          "the loss: differs from the expected values")
     status = {r["name"]: r["status"] for r in report["parts"]}
     assert (status["identity_prior"], status["keep_heads"], status["attention"]) == ("time limit", "crashed", "failed")
 

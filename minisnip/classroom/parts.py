@@ -177,6 +177,67 @@ PARTS: tuple[Part, ...] = (
                 "reaches the target and is the smallest prefix in score order that does; an unreachable target "
                 "raises ValueError and one that removes every block raises PruningError.",
     ),
+    Part(
+        name="movement",
+        file="minisnip/methods/movement.py",
+        functions={
+            "top_v_masks": "return one bool mask per score matrix, False at the round(sparsity * n) smallest "
+                           "scores of each matrix (scope 'per-matrix') or of all matrices together ('global')",
+            "StraightThroughMask.forward": "return the mask keep as a tensor of the scores' dtype",
+            "StraightThroughMask.backward": "pass the incoming gradient to the scores unchanged (None for keep)",
+            "MaskedWeight.forward": "return W' = W ⊙ M with M from StraightThroughMask on this matrix's scores "
+                                    "and mask (self.state), so that the scores get dL/dW' ⊙ W",
+        },
+        points=15,
+        summary="The learned scores of movement pruning (Sanh, Wolf & Rush, NeurIPS 2020). Every weight W_ij of "
+                "a pruned matrix has a score S_ij (`MaskState.scores`, a Parameter trained with the model); the "
+                "forward pass uses W' = W ⊙ M with the binary mask M = Top_v(S) (`MaskState.keep`, recomputed "
+                "from S once per step by the training hook). M is not differentiable, so the straight-through "
+                "estimator hands dL/dM to S unchanged: the scores learn from the weights' movement. "
+                "`attach_scores` puts `MaskedWeight` on a Linear as a parametrization (the layer then computes "
+                "with W' while W itself is kept); `StraightThroughMask` is also what the structured variant "
+                "(`movement_structured.py`) uses on its gates.",
+        equations="Top_v(S): 1 for the v = n - round(sparsity * n) largest scores, 0 for the others\n"
+                  "    per-matrix: n = the matrix's size;  global: one ranking over all N scores, n = N\n"
+                  "    (Python's round; exactly that many ones also when scores tie, e.g. all S = 0 at the start)\n"
+                  "StraightThroughMask:  forward(S, M) = M            backward: dL/dS = dL/dM\n"
+                  "W' = W ⊙ M(S)   =>   dL/dW = dL/dW' ⊙ M,   dL/dS = dL/dM = dL/dW' ⊙ W\n"
+                  "a gradient step:  S <- S - lr * W ⊙ dL/dW'   (masked weights' scores move too)",
+        grading="Top_v masks compared with reference masks (five sparsities, both scopes); properties: bool masks "
+                "of the scores' shapes with exactly n - round(sparsity n) ones (per matrix, or over all) also "
+                "for tied and all-zero scores, the largest scores kept, the scores left unchanged. "
+                "StraightThroughMask: forward is the mask in the scores' dtype and differentiable, backward is "
+                "the identity (masked entries included). MaskedWeight: W' and the gradients of S and W compared "
+                "with reference values; W' = W ⊙ M, dL/dS = W ⊙ dL/dW' exactly (not dL/dW'), dL/dW = dL/dW' ⊙ M, "
+                "one SGD step moves S by -lr W ⊙ dL/dW'; a Linear with `attach_scores` computes x (W ⊙ M)^T + b "
+                "and gives its scores W ⊙ R^T x for L = sum(y ⊙ R).",
+    ),
+    Part(
+        name="distillation",
+        file="minisnip/pruning/distill.py",
+        functions={
+            "distillation_loss": "convert both logits to float32 (the teacher's detached); return the MSE when "
+                                 "regression, else T^2 * KL(softmax(t/T) || softmax(s/T)) averaged over the batch",
+        },
+        points=10,
+        summary="The knowledge-distillation loss (Hinton, Vinyals & Dean 2015) that pulls a pruned student "
+                "toward its fine-tuned teacher: the KL divergence between the temperature-softened class "
+                "distributions, scaled by T^2 so that changing T leaves the gradients' scale alone. A "
+                "regression task (STS-B, one output) has no distribution: the loss is the mean squared error to "
+                "the teacher's prediction. The shape check before your code is done; `DistillHook` adds "
+                "alpha times your loss to the task loss.",
+        equations="p = softmax(t / T),  q = softmax(s / T)        (over the classes; s, t: (batch, classes))\n"
+                  "L_KD = T^2 * (1 / batch) sum_b sum_i p_bi (log p_bi - log q_bi)\n"
+                  "    = T^2 * KL(p || q) averaged over the batch   (F.log_softmax, F.kl_div may help)\n"
+                  "regression (one output): L_KD = mean_b (s_b - t_b)^2   (no temperature)\n"
+                  "the teacher's logits are a fixed target (no gradient); compute in float32",
+        grading="Values and the student's gradients compared with reference values (temperatures 0.5 to 4; "
+                "float32, float64 and bfloat16 logits; regression); properties: a 0-dim loss, 0 with zero "
+                "gradient for identical logits, never negative, L(c s, c t, c T) = c^2 L(s, t, T) (the T^2 "
+                "factor), the batch's loss is the mean of its rows' and equals the KL written out, the teacher's "
+                "logits get no gradient, half-precision logits give a float32 loss, the regression loss is "
+                "mean((s - t)^2) whatever T with gradient 2 (s - t) / batch.",
+    ),
 )
 
 

@@ -76,16 +76,22 @@ class StraightThroughMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, keep: Tensor) -> Tensor:
+        # BEGIN SOLUTION
         return keep.to(scores.dtype)
+        # END SOLUTION
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        # BEGIN SOLUTION
         return grad, None
+        # END SOLUTION
 
 
 def top_v_masks(scores: Sequence[Tensor], sparsity: float, scope: str = "per-matrix") -> list[Tensor]:
     """M = Top_v(S): keep the largest scores, prune the round(sparsity · n) smallest (per matrix or overall)."""
+    # BEGIN SOLUTION
     return smallest_masks([s.detach() for s in scores], sparsity, scope)
+    # END SOLUTION
 
 
 def soft_mask(scores: Tensor, threshold: float) -> Tensor:
@@ -121,7 +127,9 @@ class MaskedWeight(nn.Module):
         self.state = state  # a plain attribute: S is not registered with the model (the hook's optimiser group)
 
     def forward(self, weight: Tensor) -> Tensor:
+        # BEGIN SOLUTION
         return weight * StraightThroughMask.apply(self.state.scores, self.state.keep)
+        # END SOLUTION
 
 
 def attach_scores(linear: nn.Linear, init_score: float = 0.0) -> MaskState:

@@ -49,15 +49,18 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, temperatur
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch; MSE(s, t) when `regression`.
 
     Logits are (batch, classes); the teacher's carry no gradient (detached here). Computed in float32."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    # BEGIN SOLUTION
     s, t = student_logits.float(), teacher_logits.detach().float()
-    if s.shape != t.shape:
-        raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ in shape")
     if regression:
         return F.mse_loss(s, t)
     T = float(temperature)
     kl = F.kl_div(F.log_softmax(s / T, dim=-1), F.log_softmax(t / T, dim=-1), log_target=True,
                   reduction="batchmean")
     return T * T * kl
+    # END SOLUTION
 
 
 def hidden_distillation_loss(student_hidden: Sequence[Tensor] | Tensor, teacher_hidden: Sequence[Tensor] | Tensor,
