@@ -67,8 +67,10 @@ from minisnip.train import StepContext, TrainConfig, TrainHook  # noqa: E402
 SNIP, PLAIN = "snip", "snip-no-prior"
 PHASES = ("forward", "prior", "backward", "optimizer")
 CPU_PHASES = tuple(f"{p}_cpu" for p in PHASES)
-PROFILE_KEYS = ("forward", "forward / SN", "prior", "backward", "backward / SN", "backward / prior", "optimizer",
-                "other")
+PROFILE_KEYS = ("forward", "forward / SN", "prior", "prior / SN", "backward", "backward / SN", "backward / prior",
+                "optimizer")
+PHASE_OF = {"forward": "forward", "forward / SN": "forward", "prior": "prior", "prior / SN": "prior",
+            "backward": "backward", "backward / SN": "backward", "backward / prior": "backward", "optimizer": "optimizer"}
 
 
 # --- settings ----------------------------------------------------------------------------------------------
@@ -313,48 +315,51 @@ def _innermost(ranges: list[tuple[float, float, str]], start: float, end: float)
 
 
 def attribute(events, steps: int) -> dict[str, float]:
-    """Self CPU ms per step of each part (PROFILE_KEYS), from the profiler's events (see module doc)."""
+    """Profiled ms per step of each part (PROFILE_KEYS), from the profiler's events (see module doc): the sum
+    of the self times of the ops in it, as the profiler measures them (wall clock)."""
     ranges = []
     for e in events:
         if e.name.startswith("phase:") or e.name == "sn":
             ranges.append((e.time_range.start, e.time_range.end, e.name.removeprefix("phase:")))
-    fwd_part: dict[int, str] = {}
+    phases = [r for r in ranges if r[2] != "sn"]
     out = dict.fromkeys(PROFILE_KEYS, 0.0)
 
-    def part_of_forward(e) -> str:
-        where = _innermost(ranges, e.time_range.start, e.time_range.end)
-        if where == "sn":
-            return "forward / SN"
-        return where if where in ("forward", "prior") else "other"
+    def part_of_forward(e, phase: str) -> str:
+        in_sn = _innermost(ranges, e.time_range.start, e.time_range.end) == "sn"
+        return f"{phase} / SN" if in_sn else phase
 
-    for e in events:  # forward ops first: which part recorded each autograd node (sequence number)
-        if e.name.startswith("phase:") or e.name == "sn" or e.name.startswith("autograd::"):
-            continue
-        if e.sequence_nr >= 0:
-            where = part_of_forward(e)
-            if where != "other" and e.sequence_nr not in fwd_part:
-                fwd_part[e.sequence_nr] = where
-    for e in events:
-        if e.name.startswith("phase:") or e.name == "sn":
-            continue
-        phase = _innermost([r for r in ranges if r[2] != "sn"], e.time_range.start, e.time_range.end)
+    ops = [e for e in events if not (e.name.startswith("phase:") or e.name == "sn")]
+    where = [_innermost(phases, e.time_range.start, e.time_range.end) for e in ops]
+    fwd_part: dict[int, str] = {}  # which part recorded each autograd node (its sequence number)
+    for e, phase in zip(ops, where):
+        if phase in ("forward", "prior") and e.sequence_nr >= 0 and not e.name.startswith("autograd::"):
+            fwd_part.setdefault(e.sequence_nr, part_of_forward(e, phase))
+    for e, phase in zip(ops, where):
         if phase == "backward":
-            node, parent = None, e
-            while parent is not None:
-                if parent.name.startswith("autograd::engine::evaluate_function:"):
-                    node = parent
-                    break
-                parent = parent.cpu_parent
+            node = e
+            while node is not None and not node.name.startswith("autograd::engine::evaluate_function:"):
+                node = node.cpu_parent
             src = fwd_part.get(node.sequence_nr) if node is not None else None
-            key = {"forward / SN": "backward / SN", "prior": "backward / prior"}.get(src, "backward")
+            key = "backward / SN" if src is not None and src.endswith("/ SN") else \
+                "backward / prior" if src == "prior" else "backward"
         elif phase in ("forward", "prior"):
-            key = part_of_forward(e)
+            key = part_of_forward(e, phase)
         elif phase == "optimizer":
             key = "optimizer"
         else:
-            key = "other"
+            continue  # between steps: data, bookkeeping
         out[key] += e.self_cpu_time_total / 1000.0
     return {k: v / max(1, steps) for k, v in out.items()}
+
+
+def scaled_breakdown(profiled: dict[str, float], phase_cpu_ms: dict[str, float]) -> dict[str, float]:
+    """CPU ms per step of each part: each phase's CPU time from the timed rounds, split in the profile's
+    proportions within that phase (the profiler measures wall time, which other processes inflate)."""
+    out = {}
+    for key, phase in PHASE_OF.items():
+        total = sum(v for k, v in profiled.items() if PHASE_OF[k] == phase)
+        out[key] = phase_cpu_ms[phase] * profiled[key] / total if total > 0 else 0.0
+    return out
 
 
 def profile_method(name: str, folder: Path, tokenizer, data: TaskData, args: argparse.Namespace) -> dict:
@@ -440,6 +445,9 @@ def run_task(args: argparse.Namespace, folder: Path, tokenizer, task_name: str) 
     result["runs"] = runs
     result["profile"] = profiles
     result["summary"] = summarize(runs, args.methods)
+    for p in profiles:
+        p["cpu_ms_per_step"] = scaled_breakdown(p["self_cpu_ms_per_step"],
+                                                result["summary"]["per_method"][p["method"]]["phase_cpu_ms_mean"])
     return result
 
 
@@ -469,14 +477,15 @@ def markdown(result: dict) -> str:
                      f"| {r['paired_step_median']:.3f} | {r['step_cpu_time']:.3f} | {r['fit_train_seconds']:.3f} "
                      f"| {r['cpu_time']:.3f} |")
     if result["profile"]:
-        lines += ["", "Profile (torch.profiler, self CPU ms per step, "
-                      f"{result['profile'][0]['steps']} steps per method; inflated by the profiler, read as shares):",
+        lines += ["", "Where the time goes (CPU ms per step: each phase's CPU time above, split as a torch.profiler "
+                      f"run of {result['profile'][0]['steps']} steps per method splits it; '/ SN' = inside the "
+                      "spectral-norm parametrization, 'backward / X' = the backward through X's graph):",
                   "", "| method | " + " | ".join(PROFILE_KEYS) + " | total |",
                   "|---|" + "---:|" * (len(PROFILE_KEYS) + 1)]
         for p in result["profile"]:
-            c = p["self_cpu_ms_per_step"]
+            c = p["cpu_ms_per_step"]
             lines.append(f"| {p['method']} | " + " | ".join(f"{c[k]:.0f}" for k in PROFILE_KEYS)
-                         + f" | {p['self_cpu_ms_total']:.0f} |")
+                         + f" | {sum(c.values()):.0f} |")
     lines += ["", "Step phases (ms per step, mean over all steps of all rounds; wall clock, then process CPU time) "
                   "stamped by a TrainHook: forward = model forward + task loss (the trace when "
                   "SNIP records one), prior = the method's loss terms, backward = zero_grad + backward, optimizer = "
