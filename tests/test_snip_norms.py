@@ -170,6 +170,46 @@ def test_gram_neuron_group_norms_equal_brute_force():
             torch.testing.assert_close(sq, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [tiny_model, pruned_model])
+@pytest.mark.parametrize("layout", ["contiguous", "token_major"])
+def test_summed_norms_equal_per_token_norms_summed_values_and_gradients(make, layout):
+    """branch_sq_sums (token Gram matrices, the prior's and function_norms' path) == branch_sq_norms summed over
+    tokens, values and gradients into the trace and the weights, float64; with padding (mask) and without, block
+    and head gates, group sizes that do and do not divide the FFN width, both memory layouts of the context."""
+    from minisnip.snip.norms import branch_sq_sums
+    m = make().double()
+    m.layers[0].attention.gate = torch.tensor(0.7, dtype=torch.float64)
+    m.layers[0].attention.head_gate = torch.tensor([1.0, 0.5, 0.0, 1.0], dtype=torch.float64)[:m.layers[0].attention.num_heads]
+    m.layers[2].ffn.gate = torch.tensor(1.3, dtype=torch.float64)
+    bt = batch()
+    trace = []
+    m(bt["input_ids"], bt["attention_mask"], bt["token_type_ids"], trace=trace)
+    for t in trace:
+        if t.context is not None:
+            # attention kernels return (B, n, S, d) views of (B, S, n, d) memory; the reference layout is contiguous
+            t.context = t.context.contiguous() if layout == "contiguous" \
+                else t.context.transpose(1, 2).contiguous().transpose(1, 2)
+    kinds = ("head", "attention", "ffn", "neurons")
+    params = [p for p in m.parameters()]
+    g = torch.Generator().manual_seed(0)
+    for size in (1, 24, 32):
+        for mask in (bt["attention_mask"].bool(), None):
+            for i, (t, layer) in enumerate(zip(trace, m.layers)):
+                names, per_token = branch_sq_norms(t, layer, mask, kinds, layer_index=i, neuron_group_size=size)
+                names2, sums = branch_sq_sums(t, layer, mask, kinds, layer_index=i, neuron_group_size=size)
+                ref = per_token.sum(dim=(0, 1))
+                assert names2 == names
+                torch.testing.assert_close(sums, ref, rtol=1e-12, atol=1e-12)
+                w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+                inputs = [x for x in (t.context, t.ffn_act) if x is not None] + params
+                ga = torch.autograd.grad((ref * w).sum(), inputs, allow_unused=True, retain_graph=True)
+                gb = torch.autograd.grad((sums * w).sum(), inputs, allow_unused=True, retain_graph=True)
+                for x, y in zip(ga, gb):
+                    assert (x is None) == (y is None)
+                    if x is not None:
+                        torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
+
+
 def test_block_norms_equal_brute_force_over_real_tokens():
     m = tiny_model()
     batches = [batch(1), batch(2, b=2, s=7)]

@@ -135,24 +135,134 @@ def token_mask(attention_mask: Tensor | None, traces: Sequence[LayerTrace]) -> T
     return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
 
+# --- the same, summed over a batch's real tokens: what the prior and the estimates need ------------------------
+
+class _GramSums(torch.autograd.Function):
+    """s_k = sum_t keep_kt x_kt^T G_k x_kt for blocks k: x (K, T, m) (any strides), keep (K, T, 1) of 0/1 or None,
+    G (K, m, m) -> s (K,). The Gram identity of `branch_sq_norms`, summed over tokens without a per-token
+    intermediate:
+
+        s_k = < G_k, M_k >,   M_k = sum_t keep_kt x_kt x_kt^T   (one batched matmul, (K, m, m))
+
+    and a backward of one more: ds_k/dx_kt = keep_kt (G_k + G_k^T) x_kt, ds_k/dG_k = M_k. (Autograd through
+    the per-token formula (x G) . x runs three: x G, then a gradient for each of its operands.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor | None, g: Tensor) -> Tensor:
+        xm = x if keep is None else x * keep
+        m = torch.bmm(xm.transpose(1, 2), x)
+        ctx.save_for_backward(xm, g, m)
+        return (m * g).sum(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, ds: Tensor):
+        xm, g, m = ctx.saved_tensors
+        ds = ds.view(-1, 1, 1)
+        dx = dg = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(xm)  # the layout of x (for FFN activations: a transposed view), filled in place
+            torch.bmm(xm, (g + g.transpose(1, 2)) * ds, out=dx)
+        if ctx.needs_input_grad[2]:
+            dg = m * ds
+        return dx, None, dg
+
+
+def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | None,
+                   kinds: Iterable[str] = ("head", "attention", "ffn"), *, layer_index: int,
+                   neuron_group_size: int | None = None) -> tuple[list[str], Tensor]:
+    """Per-branch sums over the real tokens of ||f_m(x_t)||^2 for one layer: (names, sums (len(names),)).
+
+    Equal to `branch_sq_norms(...)[1].sum(dim=(0, 1))` (tested, values and gradients) in the same order, but
+    computed without the (batch, seq, branches) intermediate: heads and neuron groups through token Gram
+    matrices (`_GramSums`), blocks as masked sums of squares. mask: (batch, seq) bool, None = all real.
+    """
+    kinds = check_kinds(kinds, neuron_group_size)
+    names: list[str] = []
+    sums: list[Tensor] = []
+    attn, ffn = layer_module.attention, layer_module.ffn
+    b, s = trace_layer.x.shape[:2]
+    keep = None if mask is None else mask.to(trace_layer.x.dtype)                 # (B, S) of 0 / 1
+    if attn is not None and trace_layer.context is None:
+        raise ValueError(f"layer {layer_index}: the trace has no attention context but the layer has an "
+                         "attention block; was the trace recorded before pruning?")
+    if attn is not None:
+        if "head" in kinds:
+            ctx = trace_layer.context                                                # (B, n, S, d)
+            n, d = ctx.shape[1], ctx.shape[3]
+            g = head_gram(attn).to(ctx.dtype)                                        # (n, d, d)
+            # blocks as views of ctx's memory layout, so that neither ctx nor its gradient is copied
+            if ctx.transpose(1, 2).is_contiguous():  # (B, S, n, d) in memory (attention kernels' output)
+                x = ctx.transpose(1, 2).reshape(b * s, n, d).transpose(0, 1)         # (n, tokens, d)
+                k = None if keep is None else keep.view(1, b * s, 1)
+                sq = _GramSums.apply(x, k, g)                                        # (n,)
+            else:  # (B, n, S, d): one block per (sequence, head)
+                k = None if keep is None else keep.view(b, 1, s, 1).expand(b, n, s, 1).reshape(b * n, s, 1)
+                sq = _GramSums.apply(ctx.reshape(b * n, s, d), k, g.expand(b, n, d, d).reshape(b * n, d, d))
+                sq = sq.view(b, n).sum(0)
+            gate = _block_gate_sq(attn, sq.dtype)
+            sums.append(sq if gate is None else sq * gate)
+            names += [branch_name(layer_index, "head", h) for h in attn.heads]
+        if "attention" in kinds:
+            sums.append(_masked_sq_sum(trace_layer.attention_out, keep))
+            names.append(branch_name(layer_index, "attention"))
+    if ffn is not None:
+        if trace_layer.ffn_act is None:
+            raise ValueError(f"layer {layer_index}: the trace has no FFN activations but the layer has an FFN")
+        if "neurons" in kinds:
+            z = trace_layer.ffn_act                                                  # (B, S, F)
+            size = neuron_group_size
+            pad = (-ffn.ffn_dim) % size
+            if pad:
+                z = torch.nn.functional.pad(z, (0, pad))
+            groups = z.shape[-1] // size
+            if size == 1:
+                zz = z.pow(2) if keep is None else z.pow(2) * keep.unsqueeze(-1)
+                sq = zz.sum(dim=(0, 1)) * ffn.down.weight.pow(2).sum(0).to(z.dtype)
+            else:
+                g = neuron_gram(ffn, size).to(z.dtype)                               # (G, g, g)
+                x = z.reshape(b * s, groups, size).transpose(0, 1)                   # (G, tokens, g), a view
+                k = None if keep is None else keep.view(1, b * s, 1)
+                sq = _GramSums.apply(x, k, g)                                        # (G,)
+            gate = _block_gate_sq(ffn, sq.dtype)
+            sums.append(sq if gate is None else sq * gate)
+            names += [branch_name(layer_index, "neurons", i) for i in range(groups)]
+        if "ffn" in kinds:
+            sums.append(_masked_sq_sum(trace_layer.ffn_out, keep))
+            names.append(branch_name(layer_index, "ffn"))
+    if not sums:
+        return names, trace_layer.x.new_zeros(0)
+    return names, torch.cat(sums)
+
+
+def _masked_sq_sum(out: Tensor, keep: Tensor | None) -> Tensor:
+    """sum over real tokens of ||out_t||^2, shape (1,): out (B, S, hidden), keep (B, S) of 0 / 1 or None."""
+    sq = out.pow(2).sum(-1)
+    return (sq if keep is None else sq * keep.to(sq.dtype)).sum().view(1)
+
+
 def batch_sq_norms(model: nn.Module, traces: Sequence[LayerTrace], attention_mask: Tensor | None,
                    kinds: Iterable[str] = DEFAULT_KINDS, neuron_group_size: int | None = None
                    ) -> tuple[list[str], Tensor, Tensor]:
-    """(names, summed squared norms over the batch's real tokens (n_branches,), number of real tokens)."""
+    """(names, summed squared norms over the batch's real tokens (n_branches,), number of real tokens).
+
+    Sums per layer with `branch_sq_sums` (the per-token `branch_sq_norms`, summed, without materialising it).
+    """
     kinds, neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
     enc = encoder_of(model)
     if len(traces) != len(enc.layers):
         raise ValueError(f"got {len(traces)} layer traces for a model with {len(enc.layers)} layers; "
                          "pass a fresh list as trace= to each forward")
     mask = token_mask(attention_mask, traces)
+    count = mask.sum()
+    real = None if bool(count == mask.numel()) else mask  # no padding: nothing to mask
     names: list[str] = []
     sums: list[Tensor] = []
     for i, (t, layer) in enumerate(zip(traces, enc.layers)):
-        n, sq = branch_sq_norms(t, layer, mask, kinds, layer_index=i, neuron_group_size=neuron_group_size)
+        n, sq = branch_sq_sums(t, layer, real, kinds, layer_index=i, neuron_group_size=neuron_group_size)
         names += n
-        sums.append(sq.sum(dim=(0, 1)))
+        sums.append(sq)
     total = torch.cat(sums) if sums else traces[0].x.new_zeros(0)
-    return names, total, mask.sum()
+    return names, total, count
 
 
 # --- estimates over a data set and during training ---------------------------------------------------------
@@ -261,5 +371,5 @@ class NormEMA:
         self.steps = 0
 
 
-__all__ = ["NormEMA", "batch_sq_norms", "branch_sq_norms", "function_norms", "head_gram", "neuron_gram",
-           "token_mask"]
+__all__ = ["NormEMA", "batch_sq_norms", "branch_sq_norms", "branch_sq_sums", "function_norms", "head_gram",
+           "neuron_gram", "token_mask"]
