@@ -222,3 +222,35 @@ def test_init_scale_puts_every_cap_that_share_below_sigma():
     assert not parametrize.is_parametrized(model.layers[0].attention.out)  # only the matrices asked for
     with pytest.raises(ValueError, match="init_scale"):
         apply_spectral_norm(BertModel(model.config), init_scale=1.5)
+
+
+@pytest.mark.parametrize("bound", ["equal", 0.05, 1e3])
+def test_hand_written_backward_equals_autograd_through_spectral_rescale(bound):
+    """SpectralNorm's backward (_Rescale: s G + a <G, W> u v^T) == autograd through spectral_rescale(W, sigma(W), c),
+    float64, QKV blocks and single matrices, with the cap acting (c = 0.05 < σ), not acting (1e3), and c = σ̂
+    exactly (where clamp's gradient still passes), and an all-zero block; values bit-for-bit spectral_rescale's."""
+    from minisnip.snip.spectral import spectral_rescale
+    torch.manual_seed(0)
+    model = BertModel(small_config()).double()
+    apply_spectral_norm(model, bound="init" if bound == "equal" else bound)
+    with torch.no_grad():
+        model.layers[1].ffn.down.parametrizations.weight.original.zero_()
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    for linear in (model.layers[0].attention.qkv, model.layers[0].ffn.up, model.layers[1].ffn.down):
+        sn = linear.parametrizations.weight[0]
+        W = linear.parametrizations.weight.original
+        sn.train(False)  # no power step between the two computations: both see the same u, v
+        if bound == "equal":
+            sn.bound.copy_(sn.sigma(W).detach())
+        ratio = sn.bound / sn.sigma(W).detach().clamp_min(sn.eps)
+        assert bool((ratio < 1).all()) if bound == 0.05 and linear is not model.layers[1].ffn.down else True
+        G = torch.randn(W.shape, generator=g, dtype=torch.float64)
+        got = linear.weight
+        (dW,) = torch.autograd.grad((got * G).sum(), W)
+        mats = sn._blocks(W)
+        ref = spectral_rescale(mats, sn.sigma(W), sn.bound, sn.eps).view_as(W)
+        (ref_dW,) = torch.autograd.grad((ref * G).sum(), W)
+        assert torch.equal(got, ref)
+        torch.testing.assert_close(dW, ref_dW, rtol=1e-12, atol=1e-12)
+        sn.train(True)

@@ -166,11 +166,42 @@ class SpectralNorm(nn.Module):
         mats = self._blocks(W)
         if self.training:
             self._power_method(mats.detach(), self.n_power_iterations)
-        return spectral_rescale(mats, self.sigma(W), self.bound, self.eps).view_as(W)
+        # = spectral_rescale(mats, self.sigma(W), self.bound, self.eps), with a backward written out (_Rescale)
+        return _Rescale.apply(mats, self.u.clone(), self.v.clone(), self.bound, self.eps).view_as(W)
 
     def extra_repr(self) -> str:
         c = ", ".join(f"{x:.3g}" for x in self.bound.tolist())
         return f"blocks={self.blocks}, bound=[{c}], n_power_iterations={self.n_power_iterations}"
+
+
+class _Rescale(torch.autograd.Function):
+    """spectral_rescale(W, σ̂, c) with σ̂_b = u_b^T W_b v_b (u, v constants, as `SpectralNorm.sigma`): the same
+    values (it calls both), and by hand the gradient autograd takes through them, without its four weight-sized
+    temporaries (G * s, G * W, the outer product u v^T, their sum). With G = dL/dW_SN, s_b = min(1, c_b / σ̂_b):
+
+        dL/dW_b = s_b G_b + a_b <G_b, W_b> u_b v_b^T,   a_b = -c_b / σ̂_b^2 where c_b / σ̂_b <= 1 (the cap acts;
+                                                           clamp's gradient passes at equality), else 0
+
+    (σ̂_b floored at eps as in spectral_rescale; a = 0 where σ̂_b < eps). Tested equal to autograd in float64."""
+
+    @staticmethod
+    def forward(ctx, mats: Tensor, u: Tensor, v: Tensor, bound: Tensor, eps: float) -> Tensor:
+        sigma = torch.einsum("br,brc,bc->b", u, mats, v)
+        ctx.save_for_backward(mats, u, v, bound, sigma)
+        ctx.eps = eps
+        return spectral_rescale(mats, sigma, bound, eps)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        mats, u, v, bound, sigma = ctx.saved_tensors
+        s = sigma.clamp_min(ctx.eps)
+        ratio = bound / s
+        a = torch.where((ratio <= 1) & (sigma >= ctx.eps), -bound / (s * s), torch.zeros_like(s))
+        b = mats.shape[0]
+        gw = torch.bmm(grad.reshape(b, 1, -1), mats.reshape(b, -1, 1)).view(b)        # <G_b, W_b>
+        dmats = grad * ratio.clamp(max=1.0).view(b, 1, 1)
+        dmats.baddbmm_(u.unsqueeze(2), ((a * gw).view(b, 1) * v).unsqueeze(1))     # + a_b <G_b, W_b> u_b v_b^T
+        return dmats, None, None, None, None
 
 
 def _branch_linears(model: nn.Module, which: Sequence[str] = BRANCH_MATRICES) -> Iterator[tuple[str, nn.Linear]]:
