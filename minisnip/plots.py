@@ -206,3 +206,79 @@ def plot_removed_grid(removed: Mapping[str, Mapping[str, Sequence[str]]], num_la
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# --- spectral norms, score vs compression (used by notebooks/03-05) ------------------------------------------
+
+SIGMA_TYPES = {"W_Q": "attention.qkv.q", "W_K": "attention.qkv.k", "W_V": "attention.qkv.v", "W_O": "attention.out",
+               "W_1 (up)": "ffn.up", "W_2 (down)": "ffn.down"}
+"""Matrix types of a layer as `minisnip.snip.spectral.spectral_norms` names them (key suffixes)."""
+
+
+def plot_sigma_per_layer(sigmas: Mapping[str, Mapping[str, float]], bounds: Mapping[str, float] | None = None,
+                         title: str = "Largest singular value of every branch matrix, per layer",
+                         log: bool = True, colors: Sequence[str] | None = None,
+                         linestyles: Sequence[str] | None = None):
+    """One panel per matrix type (W_Q, W_K, W_V, W_O, W_1, W_2), σ against the layer, one line per entry of
+    `sigmas` ({label: the dict `spectral_norms(model)` returns}). `bounds` ({label: c}) adds horizontal lines,
+    e.g. a constant spectral-norm bound. Returns the figure."""
+    plt = _pyplot()
+    labels = list(sigmas)
+    colors = list(colors) if colors is not None else [f"C{i}" for i in range(len(labels))]
+    linestyles = list(linestyles) if linestyles is not None else ["-"] * len(labels)
+    fig, axes = plt.subplots(1, len(SIGMA_TYPES), figsize=(2.55 * len(SIGMA_TYPES), 3.3), sharey=True)
+    for ax, (kind, suffix) in zip(axes, SIGMA_TYPES.items()):
+        for i, lab in enumerate(labels):
+            pts = sorted((int(k.split(".")[1]), v) for k, v in sigmas[lab].items() if k.endswith("." + suffix))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3.5, color=colors[i],
+                        ls=linestyles[i], label=lab)
+        for j, (blab, c) in enumerate((bounds or {}).items()):
+            ax.axhline(c, color="0.35", lw=0.9, ls=(":", "--", "-.")[j % 3], label=blab)
+        ax.set_title(kind, fontsize=9)
+        ax.set_xlabel("layer")
+        if log:
+            ax.set_yscale("log")
+    axes[0].set_ylabel("σ(W) = max ||Wx|| / ||x|| (gain, no unit)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_vs_compression(records: Sequence[Mapping], ax=None, metric: str = "score",
+                              title: str = "Score against compression", dense: float | None = None,
+                              group: str = "method", before: str | None = "before_recovery",
+                              colors: Mapping[str, str] | None = None):
+    """Score against compression, one line per `group` value (default: per method).
+
+    records: dicts with `group`, "compression" and "score" (optionally "std", drawn as error bars, and
+    `before`, the score before recovery, drawn dashed in the same colour). `dense` draws the unpruned
+    model's score as a horizontal line. Returns the axes."""
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.5))
+    names = list(dict.fromkeys(r[group] for r in records))
+    drew_before = False
+    for i, name in enumerate(names):
+        rows = sorted((r for r in records if r[group] == name), key=lambda r: r["compression"])
+        x = [r["compression"] for r in rows]
+        color = (colors or {}).get(name, f"C{i % 10}")
+        std = [r.get("std") for r in rows]
+        if all(s is not None for s in std):
+            ax.errorbar(x, [r["score"] for r in rows], yerr=std, marker="o", ms=4, color=color, capsize=2,
+                        label=name)
+        else:
+            ax.plot(x, [r["score"] for r in rows], marker="o", ms=4, color=color, label=name)
+        if before and all(r.get(before) is not None for r in rows):
+            ax.plot(x, [r[before] for r in rows], marker=".", ms=4, ls="--", lw=0.9, color=color, alpha=0.7)
+            drew_before = True
+    if drew_before:
+        ax.plot([], [], ls="--", lw=0.9, color="0.4", label="dashed: before recovery")
+    if dense is not None:
+        ax.axhline(dense, color="0.2", lw=0.9, ls=":", label="dense (fine-tuned, unpruned)")
+    ax.set_xlabel("compression (share of encoder linear-layer weights removed)")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return ax

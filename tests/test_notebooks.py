@@ -2,7 +2,12 @@
 
 The kernel is "python3" pinned to the interpreter running pytest (so the venv's packages are used, whatever
 kernelspecs the user has installed), the working directory is notebooks/, and MINISNIP_FAST=1 asks the
-notebooks for their fast setting. The executed notebook is not written back.
+notebooks for their fast setting. The executed notebook is not written back: the tests run every notebook from
+scratch, whatever outputs the committed file holds.
+
+The committed notebooks carry the outputs of one fast-setting run (so that a reader of the repository page sees
+the figures without running anything); the other tests check that those outputs are complete, from one run top
+to bottom, without errors, and small.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ pytest.importorskip("ipykernel")
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
-MAX_NOTEBOOK_BYTES = 1_000_000  # committed notebooks keep their outputs cleared (or small)
+MAX_NOTEBOOK_BYTES = 1_000_000  # committed notebooks keep their outputs small (modest figure DPI)
 
 
 @pytest.fixture
@@ -60,4 +65,31 @@ def test_notebook_committed_small(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     size = path.stat().st_size
-    assert size < MAX_NOTEBOOK_BYTES, f"{path.name} is {size:,} bytes; clear its outputs before committing"
+    assert size < MAX_NOTEBOOK_BYTES, f"{path.name} is {size:,} bytes; lower its figure DPI or sizes before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_structure(path: Path) -> None:
+    """Each notebook opens with a markdown cell saying what it teaches and reads the MINISNIP_FAST switch."""
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells and nb.cells[0].cell_type == "markdown", f"{path.name}: the first cell must be markdown"
+    assert nb.cells[0].source.lstrip().startswith("# "), f"{path.name}: the first cell must start with a title"
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'os.environ.get("MINISNIP_FAST") == "1"' in code, f"{path.name}: no FAST switch read from MINISNIP_FAST"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_committed_with_outputs(path: Path) -> None:
+    """The committed outputs come from one run, top to bottom, with no error, and include the figures."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert all(n is not None for n in counts), (
+        f"{path.name}: cells {[i for i, n in enumerate(counts) if n is None]} (code cells, 0-based) have no stored "
+        "output; commit the notebook executed in the fast setting")
+    assert counts == list(range(1, len(code) + 1)), f"{path.name}: execution counts {counts} are not one run in order"
+    errors = [o.get("ename") for c in code for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, f"{path.name}: the committed outputs hold errors {errors}"
+    shows = sum("plt.show()" in c.source or "plt.show(" in c.source for c in code)
+    images = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
+    assert images >= shows, f"{path.name}: {shows} cells show figures but only {images} PNG outputs are stored"
