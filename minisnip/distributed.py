@@ -22,7 +22,8 @@ What a distributed run keeps the same as one process with the same --batch-size 
   the same best epoch; pruning uses rank 0's scores and selection (`broadcast_object`);
 * files: only rank 0 writes (`is_main`; checkpoint.write_json / save_pretrained, rundir.RunDir).
 
-Not the same: dropout masks (each rank draws its own) and float rounding (sums in another order).
+Not the same: dropout masks (rank r draws them from seed + r, see train.start_training; a hook's random draws,
+e.g. L0 gate samples, likewise) and float rounding (sums in another order).
 """
 
 from __future__ import annotations

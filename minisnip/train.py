@@ -209,7 +209,7 @@ class Optimisation:
 def start_training(model: nn.Module, cfg: TrainConfig, n_train: int, hooks: Sequence[TrainHook] = ()) -> Optimisation:
     """Seed, move the model to its device, and build optimiser, schedule and (fp16 only) gradient scaler."""
     distributed.check_batch_size(cfg.batch_size)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed + distributed.rank())  # distributed: each rank its own dropout masks (rank 0: the seed)
     device = resolve_device(cfg.device)
     dtype = amp_dtype(device, cfg.amp)
     model.to(device)

@@ -238,3 +238,23 @@ def test_two_processes_train_as_one(inputs, tmp_path):
     _close(load_file(runs / "prune" / "pruned" / "model.safetensors"), one["prune_state"])
     for r in range(WORLD):
         assert not any((tmp_path / "ddp" / f"tmp-{r}").iterdir()), "a rank left its scratch folder behind"
+
+
+@pytest.mark.slow
+def test_torchrun_launch(inputs, tmp_path):
+    """The real launcher: `torchrun --standalone --nproc_per_node 2 -m minisnip prune ...` (python -m
+    torch.distributed.run) removes what one process removes, prints once, writes once."""
+    import subprocess
+    import sys
+    common = [*CLI, "--glue-dir", str(inputs[1]), "--model", str(inputs[0]), "--method", "snip", "--target", "0.5"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "minisnip", "prune", *common, "--out", str(tmp_path / "ddp")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("written:") == 1
+    assert main(["prune", *common, "--out", str(tmp_path / "one")]) == 0
+    got, want = (json.loads((tmp_path / d / "pruning.json").read_text()) for d in ("ddp", "one"))
+    assert got["removed"] == want["removed"]
+    _close(load_file(tmp_path / "ddp" / "pruned" / "model.safetensors"),
+           load_file(tmp_path / "one" / "pruned" / "model.safetensors"))
