@@ -3,7 +3,8 @@
 Every argument is checked when it is parsed (`argparse` types below: finite numbers in range, existing
 folders), then each command checks its paths, data and model before anything is written (`minisnip.rundir`).
 Exit status: 0 done, 1 the run failed (its folder says how), 2 a usage or input error, 130 interrupted.
-No traceback is printed unless `--debug` is given.
+No traceback is printed unless `--debug` is given. `finetune` and `prune` also run under
+`torchrun --nproc_per_node N -m minisnip ...` (`minisnip.distributed`): rank 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from . import distributed
 from .methods import dsp, heads, l0, magnitude, magnitude_unstructured, movement, movement_structured, sparsebert
 from .pruning.branches import KINDS
 from .pruning.distill import DistillConfig
@@ -302,8 +304,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     else:
         result = run_seeds(args.task, args.out, seeds, args.model, args.glue_dir, cfg, args.max_train,
                            args.overwrite)
-    print(format_result(result))
-    print(f"written: {args.out}")
+    if distributed.is_main():
+        print(format_result(result))
+        print(f"written: {args.out}")
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
@@ -312,8 +315,9 @@ def cmd_prune(args: argparse.Namespace) -> None:
     method_cfg, cfg, train_cfg = method_config(args), prune_config(args), train_config(args, args.seed)
     result = run_prune(args.task, args.out, args.method, module, method_cfg, cfg, args.model, args.glue_dir,
                        train_cfg, args.max_train, args.overwrite, plots=not args.no_plots, teacher_path=args.teacher)
-    print(format_prune_result(result))
-    print(f"written: {args.out} (result.json, pruning.json, pruned/, plots)")
+    if distributed.is_main():
+        print(format_prune_result(result))
+        print(f"written: {args.out} (result.json, pruning.json, pruned/, plots)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -337,6 +341,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         write_json(args.out, {"task": task.name, "model": str(args.model), "metrics": metrics})
 
 
+def _error() -> str:
+    return f"rank {distributed.rank()}: error" if distributed.is_distributed() else "error"
+
+
 COMMANDS = {"show": cmd_show, "finetune": cmd_finetune, "prune": cmd_prune, "evaluate": cmd_evaluate}
 
 
@@ -348,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         datasets.disable_progress_bars()  # the CLI shows one progress bar: training's
     except ImportError:
         pass
+    joined = False  # whether this call joined torchrun's processes (and so leaves them at the end)
     try:
+        if args.command in ("finetune", "prune"):
+            joined = not distributed.is_distributed() and distributed.init(args.device)
+            distributed.check_batch_size(args.batch_size)  # the global batch, split over the processes
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: the run folder holds what was written, and result.json says it was interrupted",
@@ -357,18 +369,21 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:  # the run started writing: a failure, not a usage error
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_error()}: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:  # bad input, found before anything was written
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_error()}: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - anything else: one line, the traceback with --debug
         if args.debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"{_error()}: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if joined:
+            distributed.close()
     return 0
 
 

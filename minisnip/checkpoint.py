@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .config import BertConfig, ConfigError
 
 log = logging.getLogger("minisnip")
@@ -298,7 +299,8 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Pat
 
     Everything is written into a temporary folder beside the target, then renamed into place; an existing
     checkpoint at `folder` is replaced only after the new one is complete. A folder holding other files
-    than a checkpoint's is refused, so a wrong path never deletes a user's data.
+    than a checkpoint's is refused, so a wrong path never deletes a user's data. Under torchrun only rank 0
+    writes; the other ranks check and return.
     """
     from safetensors.torch import save_file
 
@@ -308,6 +310,8 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None) -> Pat
     config = model.config.to_dict()
     config.update(minisnip_format=MINISNIP_FORMAT, architectures=[type(model).__name__])
     config_text = _json_text(config, folder / "config.json")
+    if not distributed.is_main():
+        return folder
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     created = _make_parents(folder)
     try:
@@ -378,9 +382,12 @@ def write_json(path: str | Path, obj) -> Path:
 
     A NaN or infinity anywhere in `obj` raises ValueError naming its place; an unwritable path raises an
     OSError naming the path. Either way nothing is written and a previous file stays as it was.
+    Under torchrun only rank 0 writes; the other ranks check `obj` and return.
     """
     path = Path(path)
     text = _json_text(obj, path)
+    if not distributed.is_main():
+        return path
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder, not a file")
     created = _make_parents(path)

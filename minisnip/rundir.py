@@ -12,6 +12,10 @@ The rules (every command that writes a run follows them, through `RunDir`):
    folder stay where they are. `discard()` removes the partial folder of a run that wrote nothing worth keeping.
 
 A run killed outright (SIGKILL, power loss) leaves its partial sibling and the previous `out` untouched.
+
+Under torchrun only rank 0 writes the run: the other ranks check as rank 0 does, but `open()` gives them a
+scratch folder in the system's temporary directory (write_json and save_pretrained write nothing there),
+which `commit()` and `discard()` remove.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
+
+from . import distributed
 
 # Everything a minisnip run writes at the top of its folder; --overwrite replaces these and nothing else.
 OWNED_NAMES = ("result.json", "summary.json", "pruning.json", "best", "pruned", "teacher",
@@ -77,6 +83,9 @@ class RunDir:
 
     def open(self) -> Path:
         """Create the hidden partial folder beside `out` and return it: the place to write."""
+        if not distributed.is_main():  # only rank 0 writes the run
+            self.work = Path(tempfile.mkdtemp(prefix=f"minisnip-rank{distributed.rank()}-"))
+            return self.work
         self.out.absolute().parent.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{PARTIAL}", dir=self.out.absolute().parent))
         return self.work
@@ -85,6 +94,9 @@ class RunDir:
         """Move what was written into `out` (replacing only minisnip's own entries there); returns `out`."""
         if self.work is None:
             raise RuntimeError("RunDir.commit() before open()")
+        if not distributed.is_main():
+            self.discard()
+            return self.out
         work, out = self.work, self.out
         if not out.exists():
             os.replace(work, out)

@@ -17,6 +17,11 @@ gate logits) to the optimiser with their own learning rate. Nothing else of the 
 
 On a CPU a run repeats exactly for a seed: all randomness (data order, dropout, new heads) comes from it.
 On CUDA, bf16 autocast (fp16 with a gradient scaler where bf16 is missing) is on by default.
+
+Under torchrun (`minisnip.distributed`), fit trains the model wrapped in DistributedDataParallel: each rank
+runs its part of every global batch (`StepContext.share` scales its loss so that DDP's gradient average is
+the global batch's mean), the step's numbers are averaged over the ranks, evaluation runs on rank 0 and
+only rank 0 writes. Hooks still see the plain model. On one process none of this happens.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .checkpoint import save_pretrained
 from .data import Encoded, iterate, length_bucketed_batches, sorted_batches
 from .glue import GlueTask
@@ -54,10 +60,15 @@ class StepContext:
     loss: Tensor | None = None  # the task loss of this batch
     traces: list[LayerTrace] | None = None  # one per layer when a hook needs them
     lr: float = 0.0  # the learning rate of this step (the model's parameter groups)
+    # distributed: N x this rank's part of the global batch (`distributed.my_part`); a loss term that is a mean
+    # over this batch's examples is multiplied by it. 1 on one process; 0 for a rank with no example this step
+    share: float = 1.0
 
     @property
     def mask(self) -> Tensor:
-        return self.batch["attention_mask"]
+        """The tokens that count: the attention mask (all zero on a rank whose batch has share 0)."""
+        m = self.batch["attention_mask"]
+        return m if self.share else torch.zeros_like(m)
 
 
 class TrainHook:
@@ -192,11 +203,13 @@ class Optimisation:
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
+    hook_params: list[Tensor] = field(default_factory=list)  # the hooks' own parameters (not the model's)
 
 
 def start_training(model: nn.Module, cfg: TrainConfig, n_train: int, hooks: Sequence[TrainHook] = ()) -> Optimisation:
     """Seed, move the model to its device, and build optimiser, schedule and (fp16 only) gradient scaler."""
-    set_seed(cfg.seed)
+    distributed.check_batch_size(cfg.batch_size)
+    set_seed(cfg.seed + distributed.rank())  # distributed: each rank its own dropout masks (rank 0: the seed)
     device = resolve_device(cfg.device)
     dtype = amp_dtype(device, cfg.amp)
     model.to(device)
@@ -204,15 +217,19 @@ def start_training(model: nn.Module, cfg: TrainConfig, n_train: int, hooks: Sequ
     groups = [g for h in hooks for g in h.param_groups()]
     opt, sched = make_optimizer(model, cfg, steps_per_epoch * cfg.epochs, groups)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return Optimisation(device, dtype, opt, sched, scaler, steps_per_epoch)
+    own = {id(p) for p in model.parameters()}
+    hook_params = [p for g in groups for p in g["params"] if id(p) not in own]
+    return Optimisation(device, dtype, opt, sched, scaler, steps_per_epoch, hook_params)
 
 
 def optimizer_step(model: nn.Module, total: Tensor, o: Optimisation, max_grad_norm: float,
                    after_backward: Callable[[], None] | None = None) -> None:
     """Backward, (after_backward: gradients unscaled, not yet clipped), clip the gradient norm, one AdamW step,
-    one schedule step."""
+    one schedule step. Distributed: DDP averages the model's gradients over the ranks in the backward pass, and
+    the hooks' own parameters are averaged here, so every rank steps with the same gradients."""
     o.opt.zero_grad(set_to_none=True)
     o.scaler.scale(total).backward()
+    distributed.average_gradients(o.hook_params)
     o.scaler.unscale_(o.opt)
     if after_backward is not None:
         after_backward()
@@ -241,11 +258,14 @@ def predict(model: nn.Module, data: Encoded, tokenizer: Tokenizer, batch_size: i
 
 def evaluate(model: nn.Module, data: Encoded, task: GlueTask, tokenizer: Tokenizer, batch_size: int = 128,
              device: torch.device | None = None, dtype: torch.dtype | None = None) -> dict[str, float]:
-    """The task's GLUE metrics on `data` (plus the mean loss)."""
-    logits = predict(model, data, tokenizer, batch_size, device, dtype)
-    metrics = compute_metrics(task, logits.numpy(), data.labels.numpy())
-    metrics["loss"] = float(model.loss(logits, data.labels))
-    return metrics
+    """The task's GLUE metrics on `data` (plus the mean loss). Distributed: rank 0 evaluates and every rank gets its
+    numbers (so all take the same decisions from them); every rank must call it."""
+    def metrics() -> dict[str, float]:
+        logits = predict(model, data, tokenizer, batch_size, device, dtype)
+        out = compute_metrics(task, logits.numpy(), data.labels.numpy())
+        out["loss"] = float(model.loss(logits, data.labels))
+        return out
+    return distributed.from_rank0(metrics)
 
 
 @dataclass
@@ -276,37 +296,43 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
     The first dev split's main metric picks the best epoch; its weights are kept (in memory, and in
     `out_dir/best` as a minisnip checkpoint with the tokenizer when `out_dir` is given) and restored at the
     end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step. `hooks` take part in
-    every step as the module docstring says; `after_step` runs under no_grad.
+    every step as the module docstring says; `after_step` runs under no_grad. Under torchrun see the module
+    docstring: the model trains wrapped in DDP (a new wrapper per call), hooks see `model` itself.
     """
     hooks = list(hooks)
     o = start_training(model, cfg, len(train), hooks)
+    net = distributed.wrap(model)  # what the forward pass runs: DDP around the model, or the model itself
     device, dtype, sched = o.device, o.dtype, o.sched
     history, best_state = History(), None
     main_split = next(iter(dev))
     total_steps = o.steps_per_epoch * cfg.epochs
     want_traces = any(h.needs_traces for h in hooks)
-    progress = _progress(cfg.progress, total_steps, f"{task.display} fine-tune")
+    progress = _progress(cfg.progress and distributed.is_main(), total_steps, f"{task.display} fine-tune")
     saved = has_terms = False
+    lengths = train.lengths
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0, c0, loss_sum, pen_sum, n_batches = time.perf_counter(), time.process_time(), 0.0, 0.0, 0
-        for _, batch in iterate(train, length_bucketed_batches(train.lengths, cfg.batch_size, cfg.seed + epoch),
-                                tokenizer):
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for global_batch in length_bucketed_batches(lengths, cfg.batch_size, cfg.seed + epoch):
+            index, share = distributed.my_part(global_batch)  # one process: the whole batch, share 1
+            batch = {k: v.to(device) for k, v in train.batch(index, tokenizer).items()}
             ctx = StepContext(step=history.steps + 1, total_steps=total_steps, epoch=epoch, model=model, batch=batch,
-                              traces=[] if want_traces else None, lr=o.opt.param_groups[0]["lr"])
+                              traces=[] if want_traces else None, lr=o.opt.param_groups[0]["lr"], share=share)
             for h in hooks:
                 h.before_forward(ctx)
             with autocast(device, dtype):
-                ctx.logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces)
+                ctx.logits = net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces)
                 ctx.loss = loss = model.loss(ctx.logits, batch["labels"])
                 terms = [t for t in (h.loss(ctx) for h in hooks) if t is not None]
                 pen = torch.stack([t.float() for t in terms]).sum() if terms else None
             has_terms = has_terms or pen is not None
+            if share != 1:  # DDP averages the ranks' gradients: scaled, that average is the global batch's mean
+                loss = loss * share
             total = loss + pen if pen is not None else loss
-            if not torch.isfinite(total):
+            step_loss, step_pen, step_total = distributed.mean_over_ranks(loss, pen, total)  # the global batch's
+            if not torch.isfinite(step_total):
                 raise TrainingDiverged(
-                    f"loss became {total.item()} at step {ctx.step} (epoch {epoch}, batch {n_batches + 1}); "
+                    f"loss became {step_total.item()} at step {ctx.step} (epoch {epoch}, batch {n_batches + 1}); "
                     + (f"the last good checkpoint is {Path(out_dir) / 'best'}" if saved
                        else "no checkpoint was saved before it"))
             optimizer_step(model, total, o, cfg.max_grad_norm,
@@ -317,10 +343,10 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                     for h in hooks:
                         h.after_step(ctx)
             n_batches += 1
-            loss_sum += loss.item()
-            pen_sum += pen.item() if pen is not None else 0.0
-            history.train_examples += batch["input_ids"].shape[0]
-            history.train_tokens += int(batch["attention_mask"].sum())
+            loss_sum += step_loss.item()
+            pen_sum += step_pen.item() if step_pen is not None else 0.0
+            history.train_examples += len(global_batch)
+            history.train_tokens += sum(lengths[i] for i in global_batch)
             if progress is not None:
                 seconds = history.train_seconds + time.perf_counter() - t0
                 progress.update(1)
@@ -348,6 +374,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                            f"{task.main_metric} {score:.4f}")
     if progress is not None:
         progress.close()
+    distributed.unwrap(net)
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     return history

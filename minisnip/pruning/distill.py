@@ -133,7 +133,8 @@ class DistillHook(TrainHook):
                                    f"(got {None if ctx.traces is None else len(ctx.traces)}, teacher {len(trace)})")
             kd = kd + self.cfg.hidden_weight * hidden_distillation_loss(
                 [tr.y for tr in ctx.traces], [tr.y for tr in trace], b["attention_mask"])
-        return self.cfg.alpha * kd
+        # a mean over this batch's examples: distributed, scaled by the rank's share of the global batch
+        return self.cfg.alpha * kd if ctx.share == 1 else self.cfg.alpha * kd * ctx.share
 
     def epoch_log(self) -> dict:
         out = {"distill_kd": self._kd_sum / self._n} if self._n else {}

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from torch import nn
 
+from .. import distributed
 from ..checks import is_int, is_number
 from ..checkpoint import default_model_path, save_pretrained, write_json
 from ..config import BertConfig
@@ -175,6 +176,7 @@ def select_and_remove(model: nn.Module, method: ModuleType, hooks: list[TrainHoo
                                   allow_empty=cfg.allow_empty)
     else:
         names = select_below_threshold(scores, cfg.threshold)
+    scores, names = distributed.broadcast_object((scores, names))  # distributed: rank 0's decision, on every rank
     gone = set(names)
     table = [{"name": b.name, "kind": b.kind, "layer": b.layer, "params": b.params, "score": scores.get(b.name),
               "removed": b.name in gone or b.parent in gone} for b in branches]
@@ -310,7 +312,7 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
             save_pretrained(teacher, work / "teacher", tokenizer=tokenizer)
             result["teacher"] = {"fine_tuned_by_this_run": "teacher/", "dev": history.best_metrics}
         outcome = prune(model, tokenizer, data, method, method_cfg, cfg, train_cfg, teacher=teacher,
-                        log=print if train_cfg.progress else (lambda *a: None))
+                        log=print if train_cfg.progress and distributed.is_main() else (lambda *a: None))
         result["compression"] = outcome.report["compression"]
         if "sparsity" in outcome.report:
             result["sparsity"] = outcome.report["sparsity"]
@@ -327,7 +329,7 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
             "removed": outcome.removed, "scores": outcome.scores, "branches": outcome.branches,
             "report": outcome.report, "layers": [asdict(l) for l in model.config.layers]})
         save_pretrained(model, work / "pruned", tokenizer=tokenizer)
-        if plots and outcome.scores:
+        if plots and outcome.scores and distributed.is_main():
             from ..plots import plot_kept_map, plot_norms_per_layer
             plot_norms_per_layer(outcome.scores, outcome.removed, work / "norms_per_layer.png",
                                  title=f"{data.task.display}: branch scores after fine-tuning ({method_name})")

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .. import distributed
 from ..model import LayerTrace
 from ..train import StepContext, TrainHook
 from ..pruning.branches import DEFAULT_KINDS, branch_params, resolve_kinds
@@ -51,10 +52,14 @@ def identity_prior(model: nn.Module, traces: Sequence[LayerTrace], attention_mas
     """R = sum_m w_m ||f_m|| over this batch (a scalar tensor, differentiable; multiply by lambda yourself).
 
     traces: the list filled by model(..., trace=[]) on this batch; attention_mask: its (batch, seq) mask
-    (padding tokens are excluded from the token mean). kinds: which branches are penalised.
+    (padding tokens are excluded from the token mean). kinds: which branches are penalised. Under torchrun the
+    batch is the global one: the squared norms and the token count are summed over the ranks (every rank must
+    call it), and the gradient is such that DDP's average over the ranks is this function's on one process.
     """
     kinds, neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
     names, sums, count = batch_sq_norms(model, traces, attention_mask, kinds, neuron_group_size)
+    # distributed: the norms of the global batch, from every rank's sums (minisnip.distributed; one process: as is)
+    sums, count = distributed.global_sum(sums), distributed.global_sum(count)
     if not names:
         return sums.new_zeros(())
     w = _weights(model, names, kinds, weights, neuron_group_size)
