@@ -51,7 +51,8 @@ def owned(name: str) -> bool:
     return name in OWNED_NAMES or bool(SEED_DIR.match(name))
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies below it (links resolved)."""
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
 
@@ -67,7 +68,7 @@ class RunDir:
         if out.exists() and not out.is_dir():
             raise RunDirError(f"--out {out} is a file; a run needs a folder (choose another --out)")
         for flag, p in inputs.items():
-            if p is not None and Path(p).exists() and _inside(Path(p), out):
+            if p is not None and Path(p).exists() and is_inside(Path(p), out):
                 raise RunDirError(f"{flag} {p} lies inside --out {out}: writing the run there would replace it; "
                                   "choose another --out (or copy the input elsewhere first)")
         if out.is_dir() and any(out.iterdir()):
@@ -157,4 +158,4 @@ def recorded(result: dict, path: Path) -> Iterator[dict]:
         write_json(path, result)
 
 
-__all__ = ["OWNED_NAMES", "RunDir", "RunDirError", "RunFailed", "owned", "recorded"]
+__all__ = ["OWNED_NAMES", "RunDir", "RunDirError", "RunFailed", "is_inside", "owned", "recorded"]

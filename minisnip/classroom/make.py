@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..rundir import is_inside
 from .errors import ClassroomError, UsageError
 from .markers import MarkerError, Region, blank, find_regions
 from .parts import PARTS, Part, get_parts
@@ -256,14 +257,6 @@ def _check_out(out: Path, src: Path) -> dict | None:
     return read_manifest(out)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _install(stage: Path, out: Path, old: dict | None, files: list[str]) -> None:
     """Move the staged files into out; from a folder made before, first remove exactly what was written then."""
     if old is None:
@@ -274,7 +267,7 @@ def _install(stage: Path, out: Path, old: dict | None, files: list[str]) -> None
         os.umask(umask)
         out.chmod(0o777 & ~umask)  # mkdtemp made the folder private
         return
-    old_files = [f for f in old.get("files", []) if isinstance(f, str) and _inside(out / f, out)]
+    old_files = [f for f in old.get("files", []) if isinstance(f, str) and is_inside(out / f, out)]
     strangers = [f for f in files + [MANIFEST] if f not in old_files and f != MANIFEST and (out / f).exists()]
     if strangers:
         raise UsageError(f"refusing to overwrite {out / strangers[0]}: the last `make` did not write it")

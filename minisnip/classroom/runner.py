@@ -41,6 +41,7 @@ def _where(exc: BaseException, root: Path) -> str:
 
 
 def _inside(path: Path, folder: Path) -> bool:
+    """rundir.is_inside, written out: the runner imports no minisnip before it has checked which copy it gets."""
     try:
         path.resolve().relative_to(folder.resolve())
         return True
