@@ -94,3 +94,13 @@ def test_notebook_committed_with_outputs(path: Path) -> None:
     silent = [i for i, c in enumerate(code) if "plt.show(" in c.source
               and not any("image/png" in o.get("data", {}) or o.output_type == "stream" for o in c.get("outputs", []))]
     assert not silent, f"{path.name}: code cells {silent} (0-based) show figures but store neither a PNG nor text"
+
+
+def test_tour_lists_every_notebook_in_order() -> None:
+    """notebooks/README.md is the tour: one section (a "## " heading naming the file) per notebook, in the order of
+    their numbers."""
+    headings = [line for line in (NOTEBOOK_DIR / "README.md").read_text().splitlines() if line.startswith("## ")]
+    found = [next((i for i, h in enumerate(headings) if p.name in h), None) for p in NOTEBOOKS]
+    missing = [p.name for p, i in zip(NOTEBOOKS, found) if i is None]
+    assert not missing, f"notebooks/README.md has no section heading naming {missing}"
+    assert found == sorted(found), "notebooks/README.md presents the notebooks out of order"
