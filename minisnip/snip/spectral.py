@@ -8,7 +8,9 @@ formula for its SN; minisnip follows the SN of the authors' companion paper SNGP
     W_SN = W / max(1, σ̂(W) / c)  =  W · min(1, c / σ̂(W))                                       (SNGP, Eq. 11)
 
 σ̂(W) is the largest singular value of W, estimated by power iteration (Miyato et al. 2018, Alg. 1) with one
-step per training step; the vectors u, v persist between steps, so the estimate sharpens as W drifts slowly.
+step per training-mode read of the weight; the vectors u, v persist between steps, so the estimate sharpens as
+W drifts slowly. A training step reads most weights once; under SNIP's identity prior W_O and W_2 are read a
+second time (for the Gram matrices of the function norms), so they get two power steps per training step.
 Unlike Miyato's SN (W / σ̂, every matrix scaled to norm exactly 1), this SN only *caps* the norm at c: a
 matrix whose σ is below c is left as it is.
 
