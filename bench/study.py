@@ -107,7 +107,9 @@ def plan(args) -> list[Cell]:
                         cells.append(Cell(task, seed, method, target, distill))
             for target in args.unstructured_targets:
                 cells += [Cell(task, seed, m, target) for m in args.methods if not ALL[m][0].STRUCTURED]
-    order = {t: i for i, t in enumerate([0.0, 0.5, *args.targets, *args.unstructured_targets])}
+    order: dict[float, int] = {}
+    for t in [0.0, 0.5, *args.targets, *args.unstructured_targets]:
+        order.setdefault(t, len(order))  # first place wins: 50% before 30% and 70%
     return sorted(cells, key=lambda c: (c.seed, order[c.target], c.task))
 
 
