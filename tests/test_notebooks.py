@@ -61,7 +61,7 @@ def test_notebook_runs(path: Path, kernel_env) -> None:
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_committed_small(path: Path) -> None:
-    """Committed notebooks are valid and keep outputs cleared or small (no embedded runs of data)."""
+    """Committed notebooks are valid and their stored outputs small (modest figure DPI, no embedded data)."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     size = path.stat().st_size
