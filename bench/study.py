@@ -278,8 +278,11 @@ def table(summary: dict, targets: list[float]) -> str:
         best = {t: max((v[str(t)]["mean"] for r, v in rows.items() if str(t) in v and r != "dense"), default=None)
                 for t in cols}
         out += [f"**{task}** ({metric} x100; dense {100 * dense['mean']:.1f} ± {100 * dense['std']:.1f}, "
-                f"n={dense['n']})" if dense else f"**{task}** ({metric} x100)", "",
-                "| method | " + " | ".join(f"{t:.0%}" for t in cols) + " |", "|---|" + "---|" * len(cols)]
+                f"n={dense['n']})" if dense else f"**{task}** ({metric} x100)", ""]
+        if not cols:
+            out += ["(no pruned cells yet)", ""]
+            continue
+        out += ["| method | " + " | ".join(f"{t:.0%}" for t in cols) + " |", "|---|" + "---|" * len(cols)]
         for row in sorted(r for r in rows if r != "dense"):
             cells = []
             for t in cols:
