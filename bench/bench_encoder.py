@@ -39,7 +39,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import loadavg, machine_info  # noqa: E402
+from bench.machine import load_note, loadavg, machine_info  # noqa: E402
 from minisnip.model import BertModel  # noqa: E402
 from minisnip.surgery import prune_ffn_neurons, prune_heads  # noqa: E402
 
@@ -316,8 +316,8 @@ def markdown(result: dict) -> str:
     lines.append("ratio = throughput of the first row over the second from the median wall-clock times (> 1: the "
                  "first is faster); ratio (CPU time) uses the median process CPU time per iteration instead, "
                  "which competing processes disturb less (most useful with --threads 1).")
-    if m.get("loadavg_1m_start") is not None:
-        lines.append(f"1-minute load average: {m['loadavg_1m_start']:.1f} at start, {m['loadavg_1m_end']:.1f} at end.")
+    if load_note(m):
+        lines.append(load_note(m))
     for c in result["cases"]:
         if "max_abs_diff" in c:
             lines.append(f"{c['case']}: max |minisnip - transformers| over real tokens = {c['max_abs_diff']:.2e}.")

@@ -52,7 +52,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import loadavg, machine_info  # noqa: E402
+from bench.machine import load_note, loadavg, machine_info  # noqa: E402
 from minisnip.data import Encoded, iterate, length_bucketed_batches  # noqa: E402
 from minisnip.finetune import load_classifier, load_task_data  # noqa: E402
 from minisnip.glue import GLUE_DIR_ENV, GlueTask  # noqa: E402
@@ -451,9 +451,8 @@ def markdown(result: dict) -> str:
                          f"loss difference {chk['max_rel_diff']:.1e} ({'passed' if chk['passed'] else 'FAILED'}, "
                          f"tolerance {chk['tolerance']:g}); max |Δ logit| {chk['max_abs_logit_diff_before']:.1e} "
                          f"before, {chk['max_abs_logit_diff_after']:.1e} after.")
-    if m.get("loadavg_1m_start") is not None:
-        lines.append(f"1-minute load average: {m['loadavg_1m_start']:.1f} at start, {m['loadavg_1m_end']:.1f} at end; "
-                     f"wall time {result['wall_seconds'] / 60:.1f} min.")
+    if load_note(m, result["wall_seconds"]):
+        lines.append(load_note(m, result["wall_seconds"]))
     return "\n".join(lines) + "\n"
 
 

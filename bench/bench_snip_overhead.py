@@ -54,7 +54,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import loadavg, machine_info  # noqa: E402
+from bench.machine import load_note, loadavg, machine_info  # noqa: E402
 from minisnip.__main__ import METHODS  # noqa: E402
 from minisnip.data import Encoded  # noqa: E402
 from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
@@ -491,9 +491,8 @@ def markdown(result: dict) -> str:
                   "SNIP records one), prior = the method's loss terms, backward = zero_grad + backward, optimizer = "
                   "clipping + AdamW + schedule. Ratios: SNIP over plain fine-tuning of the same model "
                   "(snip-no-prior), same batches; above 1, SNIP is slower."]
-    if m.get("loadavg_1m_start") is not None:
-        lines.append(f"1-minute load average: {m['loadavg_1m_start']:.1f} at start, {m['loadavg_1m_end']:.1f} at end; "
-                     f"wall time {result['wall_seconds'] / 60:.1f} min.")
+    if load_note(m, result["wall_seconds"]):
+        lines.append(load_note(m, result["wall_seconds"]))
     return "\n".join(lines) + "\n"
 
 

@@ -42,3 +42,11 @@ def machine_info(device: str) -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def load_note(machine: dict, wall_seconds: float | None = None) -> str | None:
+    """One line for a results table: the 1-minute load average at start and end (and the wall time)."""
+    if machine.get("loadavg_1m_start") is None:
+        return None
+    note = f"1-minute load average: {machine['loadavg_1m_start']:.1f} at start, {machine['loadavg_1m_end']:.1f} at end"
+    return note + (f"; wall time {wall_seconds / 60:.1f} min." if wall_seconds is not None else ".")
