@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info  # noqa: E402
+from bench.machine import load_note, write_result, loadavg, machine_info  # noqa: E402
 from minisnip.model import BertModel  # noqa: E402
 from minisnip.surgery import prune_ffn_neurons, prune_heads  # noqa: E402
 
@@ -316,8 +315,9 @@ def markdown(result: dict) -> str:
     lines.append("ratio = throughput of the first row over the second from the median wall-clock times (> 1: the "
                  "first is faster); ratio (CPU time) uses the median process CPU time per iteration instead, "
                  "which competing processes disturb less (most useful with --threads 1).")
-    if load_note(m):
-        lines.append(load_note(m))
+    note = load_note(m)
+    if note:
+        lines.append(note)
     for c in result["cases"]:
         if "max_abs_diff" in c:
             lines.append(f"{c['case']}: max |minisnip - transformers| over real tokens = {c['max_abs_diff']:.2e}.")
@@ -350,12 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for device in devices:
         result = run_device(args, folder, device)
         json_path, md_path = output_paths(args.out, device)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        table = markdown(result)
-        md_path.write_text(table, encoding="utf-8")
-        print("\n" + table)
-        print(f"wrote {json_path} and {md_path}", flush=True)
+        write_result(result, json_path, md_path, markdown(result))
         results[device] = result
     return results
 

@@ -33,7 +33,6 @@ same batches must give the same loss at every step (relative tolerance --check-t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -52,7 +51,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info  # noqa: E402
+from bench.machine import load_note, write_result, loadavg, machine_info  # noqa: E402
 from minisnip.data import Encoded, iterate, length_bucketed_batches  # noqa: E402
 from minisnip.finetune import load_classifier, load_task_data  # noqa: E402
 from minisnip.glue import GLUE_DIR_ENV, GlueTask  # noqa: E402
@@ -451,8 +450,9 @@ def markdown(result: dict) -> str:
                          f"loss difference {chk['max_rel_diff']:.1e} ({'passed' if chk['passed'] else 'FAILED'}, "
                          f"tolerance {chk['tolerance']:g}); max |Δ logit| {chk['max_abs_logit_diff_before']:.1e} "
                          f"before, {chk['max_abs_logit_diff_after']:.1e} after.")
-    if load_note(m, result["wall_seconds"]):
-        lines.append(load_note(m, result["wall_seconds"]))
+    note = load_note(m, result["wall_seconds"])
+    if note:
+        lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -489,12 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
     machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, loadavg()
     result = {"machine": machine, "settings": settings, "wall_seconds": time.perf_counter() - t0, "tasks": tasks}
     json_path, md_path = output_paths(args.out, args.device, args.quick)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    table = markdown(result)
-    md_path.write_text(table, encoding="utf-8")
-    print("\n" + table)
-    print(f"wrote {json_path} and {md_path}", flush=True)
+    write_result(result, json_path, md_path, markdown(result))
     return result
 
 

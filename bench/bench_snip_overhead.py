@@ -36,7 +36,6 @@ On a machine shared with other processes, use --threads 1 (see bench/bench_finet
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -54,7 +53,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info  # noqa: E402
+from bench.machine import load_note, write_result, loadavg, machine_info  # noqa: E402
 from minisnip.__main__ import METHODS  # noqa: E402
 from minisnip.data import Encoded  # noqa: E402
 from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
@@ -491,8 +490,9 @@ def markdown(result: dict) -> str:
                   "SNIP records one), prior = the method's loss terms, backward = zero_grad + backward, optimizer = "
                   "clipping + AdamW + schedule. Ratios: SNIP over plain fine-tuning of the same model "
                   "(snip-no-prior), same batches; above 1, SNIP is slower."]
-    if load_note(m, result["wall_seconds"]):
-        lines.append(load_note(m, result["wall_seconds"]))
+    note = load_note(m, result["wall_seconds"])
+    if note:
+        lines.append(note)
     return "\n".join(lines) + "\n"
 
 
@@ -524,12 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
         machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, loadavg()
         result = {"machine": machine, "settings": settings, "wall_seconds": time.perf_counter() - t0, **res}
         json_path, md_path = output_paths(args.out, res["task"], args.quick)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        table = markdown(result)
-        md_path.write_text(table, encoding="utf-8")
-        print("\n" + table)
-        print(f"wrote {json_path} and {md_path}", flush=True)
+        write_result(result, json_path, md_path, markdown(result))
         results[res["task"]] = result
     return results
 

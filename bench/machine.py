@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -50,3 +51,12 @@ def load_note(machine: dict, wall_seconds: float | None = None) -> str | None:
         return None
     note = f"1-minute load average: {machine['loadavg_1m_start']:.1f} at start, {machine['loadavg_1m_end']:.1f} at end"
     return note + (f"; wall time {wall_seconds / 60:.1f} min." if wall_seconds is not None else ".")
+
+
+def write_result(result: dict, json_path: Path, md_path: Path, table: str) -> None:
+    """Write a benchmark's result as JSON and its markdown table, and print the table."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(table, encoding="utf-8")
+    print("\n" + table)
+    print(f"wrote {json_path} and {md_path}", flush=True)
