@@ -15,6 +15,11 @@ with a `StepContext` holding the step, the model, the batch, the logits, the tas
 sets `needs_traces`) one `LayerTrace` per layer. `param_groups()` adds parameters of a hook's own (scores,
 gate logits) to the optimiser with their own learning rate. Nothing else of the loop changes.
 
+A parametrized weight (spectral normalization, `minisnip.snip.spectral`) is computed once per step
+(`torch.nn.utils.parametrize.cached` around the forward and the loss terms): the model's forward and a
+hook's loss term that reads the weight again (the identity prior's Gram matrices) see the same tensor, and
+SN runs one power iteration per step however often the step reads the weight.
+
 On a CPU a run repeats exactly for a seed: all randomness (data order, dropout, new heads) comes from it.
 On CUDA, bf16 autocast (fp16 with a gradient scaler where bf16 is missing) is on by default.
 
@@ -37,6 +42,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import distributed
 from .checkpoint import save_pretrained
@@ -320,7 +326,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                               traces=[] if want_traces else None, lr=o.opt.param_groups[0]["lr"], share=share)
             for h in hooks:
                 h.before_forward(ctx)
-            with autocast(device, dtype):
+            with autocast(device, dtype), parametrize.cached():  # each parametrized weight once per step
                 ctx.logits = net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces)
                 ctx.loss = loss = model.loss(ctx.logits, batch["labels"])
                 terms = [t for t in (h.loss(ctx) for h in hooks) if t is not None]

@@ -254,3 +254,30 @@ def test_hand_written_backward_equals_autograd_through_spectral_rescale(bound):
         assert torch.equal(got, ref)
         torch.testing.assert_close(dW, ref_dW, rtol=1e-12, atol=1e-12)
         sn.train(True)
+
+
+def test_fit_computes_each_normalised_weight_once_per_step(tiny_folder, glue_fixtures_dir):
+    """Under SNIP's prior the step reads W_O and W_2 twice (the forward, the Gram matrices of the norms); fit caches
+    the parametrized weight, so every SpectralNorm runs one power iteration per step and the prior sees the
+    weight the forward used."""
+    import minisnip
+    from minisnip.finetune import load_classifier, load_task_data
+    from minisnip.pruning.branches import resolve_kinds
+    from minisnip.snip import method as snip_method
+    from minisnip.train import TrainConfig, fit
+
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)
+    model = load_classifier(tiny_folder, data.task)
+    kinds, size = resolve_kinds(model, ("head", "neurons"), None)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-3, max_length=32, progress=False)
+    steps = -(-len(data.train) // cfg.batch_size)
+    hooks = snip_method.training_hooks(model, snip_method.Config(prior_warmup=0.0), 0.5, steps, kinds, size)
+    assert hooks  # the prior is on: it reads W_O and W_2 once more each step
+    sn = [m for m in model.modules() if isinstance(m, SpectralNorm)]
+    calls = {id(m): 0 for m in sn}
+    for m in sn:
+        m.register_forward_hook(lambda mod, args, out: calls.__setitem__(id(mod), calls[id(mod)] + mod.training))
+    history = fit(model, tokenizer, data.task, data.train, {"dev": data.dev["dev"]}, cfg, hooks=hooks)
+    assert history.steps == steps and len(sn) == 4 * len(model.bert.layers)
+    assert set(calls.values()) == {steps}  # one training-mode computation (one power step) per matrix and step

@@ -8,9 +8,11 @@ formula for its SN; minisnip follows the SN of the authors' companion paper SNGP
     W_SN = W / max(1, σ̂(W) / c)  =  W · min(1, c / σ̂(W))                                       (SNGP, Eq. 11)
 
 σ̂(W) is the largest singular value of W, estimated by power iteration (Miyato et al. 2018, Alg. 1) with one
-step per training-mode read of the weight; the vectors u, v persist between steps, so the estimate sharpens as
-W drifts slowly. A training step reads most weights once; under SNIP's identity prior W_O and W_2 are read a
-second time (for the Gram matrices of the function norms), so they get two power steps per training step.
+step per training-mode computation of the weight; the vectors u, v persist between steps, so the estimate
+sharpens as W drifts slowly. `minisnip.train.fit` computes each normalised weight once per step
+(`parametrize.cached`), so every matrix gets one power step per training step, and the identity prior's Gram
+matrices (which read W_O and W_2 again) see the very weight the forward used. Outside such a cache, every
+training-mode read runs one more power step.
 Unlike Miyato's SN (W / σ̂, every matrix scaled to norm exactly 1), this SN only *caps* the norm at c: a
 matrix whose σ is below c is left as it is.
 
