@@ -124,6 +124,9 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     amp: str = "auto"  # "auto" (bf16/fp16 on CUDA, off on CPU), "bf16", "fp16", "off"
     progress: bool = True
+    # steps between reads of the loss on the host (progress bar, NaN check); the steps between read nothing back,
+    # so a GPU runs ahead of Python. None: 1 on a CPU (a read costs nothing there), 50 on a GPU
+    log_every: int | None = None
 
     def steps_per_epoch(self, n_train: int) -> int:
         """Optimiser steps in one epoch over `n_train` examples (the last batch may be smaller)."""
@@ -139,6 +142,13 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        if self.log_every is not None and (isinstance(self.log_every, bool) or not isinstance(self.log_every, int)
+                                           or self.log_every < 1):
+            raise ValueError(f"log_every must be a whole number of steps >= 1 (or None), got {self.log_every!r}")
+
+    def log_interval(self, device: torch.device) -> int:
+        """`log_every`, or its default for `device`."""
+        return self.log_every if self.log_every is not None else (1 if device.type == "cpu" else 50)
 
 
 def set_seed(seed: int) -> None:
@@ -164,6 +174,14 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The batch on `device`. To a GPU from pinned (page-locked) host memory without blocking, so the copy
+    overlaps the work already queued; on the CPU the tensors come back as they are."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, extra_groups: Sequence[dict] = ()):
@@ -301,9 +319,10 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
 
     The first dev split's main metric picks the best epoch; its weights are kept (in memory, and in
     `out_dir/best` as a minisnip checkpoint with the tokenizer when `out_dir` is given) and restored at the
-    end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step. `hooks` take part in
-    every step as the module docstring says; `after_step` runs under no_grad. Under torchrun see the module
-    docstring: the model trains wrapped in DDP (a new wrapper per call), hooks see `model` itself.
+    end when `restore_best`. A NaN/inf loss raises TrainingDiverged naming the step, at the next read of the
+    loss (at most `cfg.log_every` steps later; on a CPU at once). `hooks` take part in every step as the module
+    docstring says; `after_step` runs under no_grad. Under torchrun see the module docstring: the model trains
+    wrapped in DDP (a new wrapper per call), hooks see `model` itself.
     """
     hooks = list(hooks)
     o = start_training(model, cfg, len(train), hooks)
@@ -316,12 +335,17 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
     progress = _progress(cfg.progress and distributed.is_main(), total_steps, f"{task.display} fine-tune")
     saved = has_terms = False
     lengths = train.lengths
+    log_every = cfg.log_interval(device)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        t0, c0, loss_sum, pen_sum, n_batches = time.perf_counter(), time.process_time(), 0.0, 0.0, 0
-        for global_batch in length_bucketed_batches(lengths, cfg.batch_size, cfg.seed + epoch):
+        t0, c0, n_batches, epoch_start = time.perf_counter(), time.process_time(), 0, history.steps
+        # kept on the device and read back every log_every steps: the steps between never wait for the GPU
+        loss_sum, pen_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first step with a non-finite loss
+        batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed + epoch)
+        for global_batch in batches:
             index, share = distributed.my_part(global_batch)  # one process: the whole batch, share 1
-            batch = {k: v.to(device) for k, v in train.batch(index, tokenizer).items()}
+            batch = to_device(train.batch(index, tokenizer), device)
             ctx = StepContext(step=history.steps + 1, total_steps=total_steps, epoch=epoch, model=model, batch=batch,
                               traces=[] if want_traces else None, lr=o.opt.param_groups[0]["lr"], share=share)
             for h in hooks:
@@ -336,11 +360,8 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                 loss = loss * share
             total = loss + pen if pen is not None else loss
             step_loss, step_pen, step_total = distributed.mean_over_ranks(loss, pen, total)  # the global batch's
-            if not torch.isfinite(step_total):
-                raise TrainingDiverged(
-                    f"loss became {step_total.item()} at step {ctx.step} (epoch {epoch}, batch {n_batches + 1}); "
-                    + (f"the last good checkpoint is {Path(out_dir) / 'best'}" if saved
-                       else "no checkpoint was saved before it"))
+            bad = ~torch.isfinite(step_total.detach()) & (first_bad < 0)
+            first_bad = torch.where(bad, ctx.step, first_bad)
             optimizer_step(model, total, o, cfg.max_grad_norm,
                            after_backward=(lambda: [h.after_backward(ctx) for h in hooks]) if hooks else None)
             history.steps += 1
@@ -349,19 +370,27 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                     for h in hooks:
                         h.after_step(ctx)
             n_batches += 1
-            loss_sum += step_loss.item()
-            pen_sum += step_pen.item() if step_pen is not None else 0.0
+            loss_sum += step_loss.detach().float()
+            if step_pen is not None:
+                pen_sum += step_pen.detach().float()
             history.train_examples += len(global_batch)
             history.train_tokens += sum(lengths[i] for i in global_batch)
-            if progress is not None:
-                seconds = history.train_seconds + time.perf_counter() - t0
-                progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{loss_sum / n_batches:.4f}",
-                                     ex_per_s=f"{history.train_examples / seconds:.1f}")
+            if n_batches % log_every == 0 or n_batches == len(batches):  # the only reads of the step's numbers
+                bad_step = int(first_bad)
+                if bad_step >= 0:
+                    raise TrainingDiverged(
+                        f"the loss became NaN or infinite at step {bad_step} (epoch {epoch}, batch "
+                        f"{bad_step - epoch_start}); " + (f"the last good checkpoint is {Path(out_dir) / 'best'}"
+                                                          if saved else "no checkpoint was saved before it"))
+                if progress is not None:
+                    seconds = history.train_seconds + time.perf_counter() - t0
+                    progress.update(history.steps - progress.n)
+                    progress.set_postfix(epoch=epoch, loss=f"{float(loss_sum) / n_batches:.4f}",
+                                         ex_per_s=f"{history.train_examples / seconds:.1f}")
         history.train_seconds += time.perf_counter() - t0
         history.train_cpu_seconds += time.process_time() - c0
-        record = {"epoch": epoch, "train_loss": loss_sum / max(1, n_batches),
-                  "penalty": pen_sum / max(1, n_batches) if has_terms else None,
+        record = {"epoch": epoch, "train_loss": float(loss_sum) / max(1, n_batches),
+                  "penalty": float(pen_sum) / max(1, n_batches) if has_terms else None,
                   "lr_end": sched.get_last_lr()[0], "dev": {}}
         for h in hooks:
             record.update(h.epoch_log())

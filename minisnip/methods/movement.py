@@ -196,7 +196,7 @@ class MovementHook(TrainHook):
         self.warmup_steps, self.cooldown_steps = schedule_steps(total_steps, cfg.warmup, cfg.cooldown)
         self.linears = [lin for _, lin in encoder_linears(model)]
         self.states = [attach_scores(lin, cfg.init_score) for lin in self.linears]
-        self.current = 0.0  # sparsity of the masks in force
+        self.masked = False  # whether masks with zeros are in force (a host flag: the step reads nothing back)
 
     @property
     def scores(self) -> list[nn.Parameter]:
@@ -215,11 +215,18 @@ class MovementHook(TrainHook):
         return [{"params": self.scores, "lr": self.cfg.score_lr, "weight_decay": 0.0}]
 
     @torch.no_grad()
-    def set_masks(self, keep: Sequence[Tensor]) -> None:
+    def set_masks(self, keep: Sequence[Tensor], masked: bool = True) -> None:
         for st, k in zip(self.states, keep):
             st.keep = k
-        n = sum(k.numel() for k in keep)
-        self.current = sum(int((~k).sum()) for k in keep) / n
+        self.masked = masked
+
+    @property
+    def current(self) -> float:
+        """The sparsity of the masks in force (read back from the device: for logs, not for every step)."""
+        keep = [st.keep for st in self.states if st.keep is not None]
+        if not keep:
+            return 0.0
+        return float(sum((~k).sum() for k in keep)) / sum(k.numel() for k in keep)
 
     @torch.no_grad()
     def top_v(self, sparsity: float) -> list[Tensor]:
@@ -229,8 +236,8 @@ class MovementHook(TrainHook):
         self._follow()
         if self.cfg.variant == "hard":
             s = self.scheduled(ctx.step)
-            if s > 0 or self.current > 0:
-                self.set_masks(self.top_v(s))
+            if s > 0 or self.masked:
+                self.set_masks(self.top_v(s), masked=s > 0)
         else:
             self.set_masks([soft_mask(st.scores, self.cfg.threshold) for st in self.states])
 

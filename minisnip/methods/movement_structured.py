@@ -83,8 +83,9 @@ class BranchMovementHook(TrainHook):
         self.branches = list_branches(model, kinds, neuron_group_size)
         self.names = [b.name for b in self.branches]
         self.layout = GateLayout(model, self.branches)
-        self.scores = nn.Parameter(torch.full((len(self.branches),), float(cfg.init_score)))
-        self.keep = torch.ones(len(self.branches), dtype=torch.bool)
+        device = next(model.parameters()).device
+        self.scores = nn.Parameter(torch.full((len(self.branches),), float(cfg.init_score), device=device))
+        self.keep = torch.ones(len(self.branches), dtype=torch.bool, device=device)
         self.current = 0.0  # the compression the mask was chosen for
 
     def scheduled(self, step: int) -> float:
@@ -102,11 +103,12 @@ class BranchMovementHook(TrainHook):
     @torch.no_grad()
     def mask_for(self, share: float) -> Tensor:
         """Keep mask (one bool per branch): the lowest-scored branches off until compression `share` is met."""
+        device = self.scores.device
         if share <= 0:
-            return torch.ones(len(self.branches), dtype=torch.bool)
+            return torch.ones(len(self.branches), dtype=torch.bool, device=device)
         gone = set(select_for_target(self.branches, dict(zip(self.names, self.scores.tolist())), share,
                                      model=self.model))
-        return torch.tensor([not (b.name in gone or b.parent in gone) for b in self.branches])
+        return torch.tensor([not (b.name in gone or b.parent in gone) for b in self.branches], device=device)
 
     def before_forward(self, ctx: StepContext) -> None:
         self._follow()

@@ -126,7 +126,7 @@ class DistillHook(TrainHook):
         with torch.no_grad():
             t_logits = self.teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], trace)
         kd = distillation_loss(ctx.logits, t_logits, self.cfg.temperature, self.regression)
-        self._kd_sum, self._n = self._kd_sum + float(kd.detach()), self._n + 1
+        self._kd_sum, self._n = self._kd_sum + kd.detach().float(), self._n + 1  # on the device: read per epoch
         if self.needs_traces:
             if ctx.traces is None or len(ctx.traces) != len(trace):
                 raise RuntimeError("hidden distillation needs one student LayerTrace per teacher layer "
@@ -137,7 +137,7 @@ class DistillHook(TrainHook):
         return self.cfg.alpha * kd if ctx.share == 1 else self.cfg.alpha * kd * ctx.share
 
     def epoch_log(self) -> dict:
-        out = {"distill_kd": self._kd_sum / self._n} if self._n else {}
+        out = {"distill_kd": float(self._kd_sum) / self._n} if self._n else {}
         self._kd_sum, self._n = 0.0, 0
         return out
 

@@ -53,8 +53,9 @@ class GateLayout:
             if self.neurons[i] and len(self.neurons[i]) != layer.ffn.ffn_dim:
                 raise ValueError(f"layer {i}: gates need every neuron covered by a group, got "
                                  f"{len(self.neurons[i])} of {layer.ffn.ffn_dim}")
-        self._heads = [torch.tensor(v, dtype=torch.long) if v else None for v in self.heads]
-        self._neurons = [torch.tensor(v, dtype=torch.long) if v else None for v in self.neurons]
+        device = next(model.parameters()).device  # the index vectors live where the gate values will
+        self._heads = [torch.tensor(v, dtype=torch.long, device=device) if v else None for v in self.heads]
+        self._neurons = [torch.tensor(v, dtype=torch.long, device=device) if v else None for v in self.neurons]
 
     def __len__(self) -> int:
         return len(self.branches)

@@ -37,7 +37,7 @@ from ..finetune import TaskData, environment, load_task_data, new_classifier, sh
 from ..rundir import RunDir, recorded
 from ..surgery import PruningError
 from ..tokenizer import Tokenizer, load_tokenizer
-from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit
+from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit, resolve_device
 from .branches import DEFAULT_KINDS, check_kinds, default_group_size, list_branches
 from .compression import (COMPRESSION_DEFINITION, compression, compression_with_zeros,
                           dense_encoder_linear_params, encoder_linears, sparsity)
@@ -206,6 +206,8 @@ def finetune_with(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method
     if distill is not None and teacher is None:
         raise ValueError(f"{method.__name__}: distillation needs a teacher (a model fine-tuned on {data.task.display})")
     total_steps = train_cfg.steps_per_epoch(len(data.train)) * train_cfg.epochs
+    # on the training device first: what the method creates (masks, scores, gates) is made beside the weights
+    model.to(resolve_device(train_cfg.device))
     hooks = method.training_hooks(model, method_cfg, cfg.target, total_steps, cfg.kinds, group_size_of(model, cfg))
     terms = [DistillHook(teacher, distill)] if distill is not None else []
     history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, hooks=[*hooks, *terms, *extra_hooks],

@@ -254,7 +254,9 @@ def batch_sq_norms(model: nn.Module, traces: Sequence[LayerTrace], attention_mas
                          "pass a fresh list as trace= to each forward")
     mask = token_mask(attention_mask, traces)
     count = mask.sum()
-    real = None if bool(count == mask.numel()) else mask  # no padding: nothing to mask
+    # masked even without padding: asking whether there is any would read a number back from the device in every
+    # training step, and multiplying by ones changes no value
+    real = None if attention_mask is None else mask
     names: list[str] = []
     sums: list[Tensor] = []
     for i, (t, layer) in enumerate(zip(traces, enc.layers)):
