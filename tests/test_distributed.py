@@ -258,3 +258,73 @@ def test_torchrun_launch(inputs, tmp_path):
     assert got["removed"] == want["removed"]
     _close(load_file(tmp_path / "ddp" / "pruned" / "model.safetensors"),
            load_file(tmp_path / "one" / "pruned" / "model.safetensors"))
+
+
+# --- every method under DDP ------------------------------------------------------------------------------------
+# l0 and dsp sample their gates from each rank's own random stream (seed + rank), so two processes are not one
+# process with a bigger batch; soft movement keeps a weight while its score is above a fixed threshold, and
+# scores equal to rounding (a gradient summed in another order) land on either side of it. Their ranks must
+# still agree on every parameter and decision
+NOT_ONE_PROCESS = {"l0", "dsp", "soft-movement"}
+
+
+def method_runs(model_path: Path, glue: Path) -> dict:
+    """Every method of the command line (but snip, checked above) pruned to 50% through the Python API, 1 epoch:
+    the removed branches and the final weights of each (sparsebert's teacher: the model it starts from)."""
+    tok = load_tokenizer(model_path)
+    cfg = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, max_length=32, progress=False, device="cpu")
+    data = load_task_data("sst2", tok, glue, seed=cfg.seed, max_length=32)
+    out = {}
+    for name, (module, overrides) in METHODS.items():
+        if name == "snip":
+            continue
+        model = new_classifier(model_path, data.task, cfg.seed)
+        teacher = new_classifier(model_path, data.task, cfg.seed) if module.USES_DISTILLATION else None
+        outcome = prune(model, tok, data, module, module.Config(**overrides), PruneConfig(target=0.5), cfg,
+                        teacher=teacher, log=lambda *a: None)
+        out[name] = {"removed": outcome.removed, "state": model.state_dict()}
+    return out
+
+
+def _method_worker(rank: int, port: int, model_path: str, glue: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert distributed.init("cpu")
+    try:
+        torch.save(method_runs(Path(model_path), Path(glue)), Path(out) / f"methods{rank}.pt")
+    finally:
+        distributed.close()
+
+
+def test_every_method_trains_in_step_on_two_processes(inputs, tmp_path):
+    """Each method's own parameters (scores, gate logits) are averaged like the model's, its masks follow them:
+    the two ranks end bit-identical, and a method that samples nothing removes what one process removes."""
+    import torch.multiprocessing as mp
+    tmp_path.mkdir(exist_ok=True)
+    ctx = mp.start_processes(_method_worker, args=(_free_port(), str(inputs[0]), str(inputs[1]), str(tmp_path)),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the ranks did not finish within 300 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    r0, r1 = (torch.load(tmp_path / f"methods{r}.pt", weights_only=False) for r in range(WORLD))
+    one = method_runs(*inputs)
+    assert r0.keys() == one.keys() == set(METHODS) - {"snip"}
+    far = {}
+    for name in one:
+        assert r0[name]["removed"] == r1[name]["removed"], name
+        _equal(r0[name]["state"], r1[name]["state"])
+        if name not in NOT_ONE_PROCESS:
+            assert r0[name]["removed"] == one[name]["removed"], name
+            # Adam turns rounding-level gradient differences of a near-zero gradient into a whole step (lr) of
+            # either sign: count the weights that moved apart by more than rounding
+            a, b = r0[name]["state"], one[name]["state"]
+            far[name] = sum(int(((a[k] - b[k]).abs() > 1e-4 + 1e-4 * b[k].abs()).sum()) for k in a)
+    total = sum(t.numel() for t in one["magnitude"]["state"].values())
+    assert all(n <= 1e-5 * total for n in far.values()), sorted(far.items(), key=lambda kv: -kv[1])[:4]
