@@ -280,7 +280,9 @@ class LayerTrace:
     """Everything one layer computed, for measuring branches: function norms, post-activation statistics.
 
     A field is None where its branch is removed. `context` is (batch, heads, seq, head_dim), `ffn_act` is
-    (batch, seq, ffn_dim), the rest (batch, seq, hidden).
+    (batch, seq, ffn_dim), the rest (batch, seq, hidden). A packed trace (`BertModel.forward(...,
+    pack_trace=True)` on a padded batch) has `packing` set: then every field but `context` holds the real
+    tokens only, (tokens, ...) in the order of `packing.index`, as the layer computed them.
     """
 
     x: Tensor
@@ -290,6 +292,7 @@ class LayerTrace:
     ffn_act: Tensor | None
     ffn_out: Tensor | None
     y: Tensor
+    packing: Packing | None = None
 
 
 class Layer(nn.Module):
@@ -328,7 +331,7 @@ class Layer(nn.Module):
             f = self.ffn.project(z)
             y = self.ffn_norm(h + self.dropout(f))
         if trace is not None:
-            trace.append(LayerTrace(x=x, context=ctx, attention_out=a, h=h, ffn_act=z, ffn_out=f, y=y))
+            trace.append(LayerTrace(x=x, context=ctx, attention_out=a, h=h, ffn_act=z, ffn_out=f, y=y, packing=packing))
         return y
 
 
@@ -396,7 +399,7 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                cls_only: bool = False) -> Tensor:
+                cls_only: bool = False, pack_trace: bool = False) -> Tensor:
         """(batch, seq) token ids -> (batch, seq, hidden) last hidden states.
 
         attention_mask: 1 for real tokens, 0 for padding (default: all real). token_type_ids: segment A/B
@@ -404,8 +407,10 @@ class BertModel(nn.Module):
         cls_only: return (batch, 1, hidden), the [CLS] position only, which is all a classifier reads: the last
         layer then computes its queries, attention output and FFN for that one position (its keys and values
         still for all), about 5/6 of one layer's work saved. Ignored when `trace` is given.
-        With padding (and no trace), the layers run on the real tokens only (see `Packing`). The returned
-        hidden states are 0 at padded positions in every case (a trace records the unpacked computation).
+        With padding, the layers run on the real tokens only (see `Packing`), unless a trace is asked for
+        without `pack_trace`: that trace records the unpacked computation, every position of the batch. With
+        pack_trace the layers run packed and so does the trace (`LayerTrace.packing`), which is cheaper
+        where a reader wants the real tokens only. The returned hidden states are 0 at padded positions.
         """
         has_padding = self.check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
@@ -415,7 +420,7 @@ class BertModel(nn.Module):
             mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): True = may attend
         x = self.embeddings(input_ids, token_type_ids)
         cls_only = cls_only and trace is None and len(self.layers) > 0
-        packing = Packing.from_mask(attention_mask) if has_padding and trace is None else None
+        packing = Packing.from_mask(attention_mask) if has_padding and (trace is None or pack_trace) else None
         if packing is not None:
             x = packing.pack(x)
         for i, layer in enumerate(self.layers):
@@ -425,7 +430,7 @@ class BertModel(nn.Module):
             x = layer(x, mask, trace, packing=packing)
         if packing is not None:
             return packing.unpack(x)
-        return x.masked_fill(~attention_mask.bool()[..., None], 0.0) if has_padding else x  # a trace ran unpacked
+        return x.masked_fill(~attention_mask.bool()[..., None], 0.0) if has_padding else x  # an unpacked trace
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | Path, **config_overrides) -> BertModel:
@@ -456,8 +461,9 @@ class BertForSequenceClassification(nn.Module):
         return self.config.problem_type == "regression" or self.config.num_labels == 1
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None) -> Tensor:
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, trace, cls_only=True)
+                token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None,
+                pack_trace: bool = False) -> Tensor:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, trace, cls_only=True, pack_trace=pack_trace)
         return self.classifier(self.dropout(self.bert.pooler(hidden)))
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ class StepContext:
     batch: dict[str, Tensor]  # input_ids, attention_mask, token_type_ids, labels, on the device
     logits: Tensor | None = None
     loss: Tensor | None = None  # the task loss of this batch
-    traces: list[LayerTrace] | None = None  # one per layer when a hook needs them
+    traces: list[LayerTrace] | None = None  # one per layer when a hook needs them (packed: see TrainHook)
     lr: float = 0.0  # the learning rate of this step (the model's parameter groups)
     # distributed: N x this rank's part of the global batch (`distributed.my_part`); a loss term that is a mean
     # over this batch's examples is multiplied by it. 1 on one process; 0 for a rank with no example this step
@@ -81,6 +81,9 @@ class TrainHook:
     """A pruning method's (or an observer's) part in fine-tuning; every method does nothing unless overridden."""
 
     needs_traces: bool = False  # ask the forward pass to record one LayerTrace per layer
+    # the hook reads packed traces too (`LayerTrace.packing`: real tokens only). When every hook that needs traces
+    # does, fit records them packed, and the forward skips the padding as it does without a trace
+    packed_traces: bool = False
 
     def param_groups(self) -> list[dict]:
         """Extra optimiser groups ({"params": [...], "lr": ..., "weight_decay": ...}) of the hook's own."""
@@ -332,6 +335,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
     main_split = next(iter(dev))
     total_steps = o.steps_per_epoch * cfg.epochs
     want_traces = any(h.needs_traces for h in hooks)
+    pack_trace = want_traces and all(h.packed_traces for h in hooks if h.needs_traces)
     progress = _progress(cfg.progress and distributed.is_main(), total_steps, f"{task.display} fine-tune")
     saved = has_terms = False
     lengths = train.lengths
@@ -351,7 +355,8 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
             for h in hooks:
                 h.before_forward(ctx)
             with autocast(device, dtype), parametrize.cached():  # each parametrized weight once per step
-                ctx.logits = net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces)
+                ctx.logits = net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces,
+                                 pack_trace=pack_trace)
                 ctx.loss = loss = model.loss(ctx.logits, batch["labels"])
                 terms = [t for t in (h.loss(ctx) for h in hooks) if t is not None]
                 pen = torch.stack([t.float() for t in terms]).sum() if terms else None

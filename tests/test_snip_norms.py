@@ -210,6 +210,43 @@ def test_summed_norms_equal_per_token_norms_summed_values_and_gradients(make, la
                         torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("make", [tiny_model, pruned_model])
+def test_packed_trace_gives_the_sums_of_the_padded_trace_values_and_gradients(make):
+    """A trace recorded with pack_trace=True (real tokens only; the prior's path in fit) gives the same branch sums
+    as the trace of the padded computation, values and gradients into the weights, float64, for every kind and
+    for group sizes that do and do not divide the FFN width; the model's output is the same too."""
+    from minisnip.snip.norms import batch_sq_norms
+    m = make().double()
+    m.layers[0].attention.head_gate = torch.tensor([1.0, 0.5, 0.0, 1.0], dtype=torch.float64)[:m.layers[0].attention.num_heads]
+    m.layers[2].ffn.gate = torch.tensor(1.3, dtype=torch.float64)
+    bt = batch()
+    assert (bt["attention_mask"] == 0).any()
+    params = [p for p in m.parameters()]
+    kinds = ("head", "attention", "ffn", "neurons")
+    g = torch.Generator().manual_seed(0)
+    for size in (1, 24, 32):
+        runs = []
+        for pack in (False, True):
+            trace = []
+            out = m(bt["input_ids"], bt["attention_mask"], bt["token_type_ids"], trace=trace, pack_trace=pack)
+            assert all((t.packing is not None) == pack for t in trace)
+            names, sums, count = batch_sq_norms(m, trace, bt["attention_mask"], kinds, size)
+            runs.append((out, names, sums, count))
+        (out0, names0, sums0, count0), (out1, names1, sums1, count1) = runs
+        assert names1 == names0 and int(count1) == int(count0)
+        torch.testing.assert_close(out1, out0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sums1, sums0, rtol=1e-12, atol=1e-12)
+        w = torch.randn(sums0.shape, generator=g, dtype=torch.float64)
+        ga = torch.autograd.grad((sums0 * w).sum(), params, allow_unused=True)
+        gb = torch.autograd.grad((sums1 * w).sum(), params, allow_unused=True)
+        for x, y in zip(ga, gb):
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="packed"):
+        branch_sq_norms(trace[0], m.layers[0], bt["attention_mask"].bool(), kinds, layer_index=0, neuron_group_size=32)
+
+
 def test_block_norms_equal_brute_force_over_real_tokens():
     m = tiny_model()
     batches = [batch(1), batch(2, b=2, s=7)]

@@ -75,6 +75,9 @@ def branch_sq_norms(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor |
 
     Heads and neuron groups use the Gram identity ||W_h c||^2 = c^T (W_h^T W_h) c (see module doc).
     """
+    if trace_layer.packing is not None:
+        raise ValueError(f"layer {layer_index}: per-token norms need a trace on the (batch, seq) layout; this one is "
+                         "packed (recorded with pack_trace=True): use branch_sq_sums, or trace without pack_trace")
     kinds = check_kinds(kinds, neuron_group_size)
     names: list[str] = []
     cols: list[Tensor] = []
@@ -175,13 +178,17 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
     Equal to `branch_sq_norms(...)[1].sum(dim=(0, 1))` (tested, values and gradients) in the same order, but
     computed without the (batch, seq, branches) intermediate: heads and neuron groups through token Gram
     matrices (`_GramSums`), blocks as masked sums of squares. mask: (batch, seq) bool, None = all real.
+    A packed trace (`LayerTrace.packing`) holds the real tokens only: its FFN activations and block outputs
+    need no mask (and no work is spent on padding); the attention context keeps the batch layout and the mask.
     """
     kinds = check_kinds(kinds, neuron_group_size)
     names: list[str] = []
     sums: list[Tensor] = []
     attn, ffn = layer_module.attention, layer_module.ffn
-    b, s = trace_layer.x.shape[:2]
+    packing = trace_layer.packing
+    b, s = (packing.batch, packing.seq) if packing is not None else trace_layer.x.shape[:2]
     keep = None if mask is None else mask.to(trace_layer.x.dtype)                 # (B, S) of 0 / 1
+    token_keep = None if packing is not None else keep  # for the fields laid out per token (packed: all real)
     if attn is not None and trace_layer.context is None:
         raise ValueError(f"layer {layer_index}: the trace has no attention context but the layer has an "
                          "attention block; was the trace recorded before pruning?")
@@ -203,31 +210,32 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
             sums.append(sq if gate is None else sq * gate)
             names += [branch_name(layer_index, "head", h) for h in attn.heads]
         if "attention" in kinds:
-            sums.append(_masked_sq_sum(trace_layer.attention_out, keep))
+            sums.append(_masked_sq_sum(trace_layer.attention_out, token_keep))
             names.append(branch_name(layer_index, "attention"))
     if ffn is not None:
         if trace_layer.ffn_act is None:
             raise ValueError(f"layer {layer_index}: the trace has no FFN activations but the layer has an FFN")
         if "neurons" in kinds:
-            z = trace_layer.ffn_act                                                  # (B, S, F)
+            z = trace_layer.ffn_act                                    # (B, S, F), or packed (tokens, F)
             size = neuron_group_size
             pad = (-ffn.ffn_dim) % size
             if pad:
                 z = torch.nn.functional.pad(z, (0, pad))
             groups = z.shape[-1] // size
+            z = z.reshape(-1, z.shape[-1])                                           # (tokens, F), a view
+            k = None if token_keep is None else token_keep.view(-1, 1)               # (tokens, 1)
             if size == 1:
-                zz = z.pow(2) if keep is None else z.pow(2) * keep.unsqueeze(-1)
-                sq = zz.sum(dim=(0, 1)) * ffn.down.weight.pow(2).sum(0).to(z.dtype)
+                zz = z.pow(2) if k is None else z.pow(2) * k
+                sq = zz.sum(0) * ffn.down.weight.pow(2).sum(0).to(z.dtype)
             else:
                 g = neuron_gram(ffn, size).to(z.dtype)                               # (G, g, g)
-                x = z.reshape(b * s, groups, size).transpose(0, 1)                   # (G, tokens, g), a view
-                k = None if keep is None else keep.view(1, b * s, 1)
-                sq = _GramSums.apply(x, k, g)                                        # (G,)
+                x = z.view(-1, groups, size).transpose(0, 1)                         # (G, tokens, g), a view
+                sq = _GramSums.apply(x, None if k is None else k.view(1, -1, 1), g)  # (G,)
             gate = _block_gate_sq(ffn, sq.dtype)
             sums.append(sq if gate is None else sq * gate)
             names += [branch_name(layer_index, "neurons", i) for i in range(groups)]
         if "ffn" in kinds:
-            sums.append(_masked_sq_sum(trace_layer.ffn_out, keep))
+            sums.append(_masked_sq_sum(trace_layer.ffn_out, token_keep))
             names.append(branch_name(layer_index, "ffn"))
     if not sums:
         return names, trace_layer.x.new_zeros(0)
@@ -235,7 +243,8 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
 
 
 def _masked_sq_sum(out: Tensor, keep: Tensor | None) -> Tensor:
-    """sum over real tokens of ||out_t||^2, shape (1,): out (B, S, hidden), keep (B, S) of 0 / 1 or None."""
+    """sum over real tokens of ||out_t||^2, shape (1,): out (B, S, hidden) or packed (tokens, hidden), keep
+    (B, S) of 0 / 1 or None (packed: None, every row is a real token)."""
     sq = out.pow(2).sum(-1)
     return (sq if keep is None else sq * keep.to(sq.dtype)).sum().view(1)
 
