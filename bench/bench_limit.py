@@ -51,7 +51,7 @@ OP_GROUPS = {
     "aten::add": "residual add", "aten::add_": "residual add",
     "aten::embedding": "embeddings", "aten::index_select": "embeddings / packing",
     "aten::index_copy": "packing", "aten::nonzero": "packing",
-    "aten::copy_": "copies", "aten::clone": "copies", "aten::contiguous": "copies",
+    "aten::copy_": "copies", "aten::clone": "copies", "aten::contiguous": "copies",  # copy_: mostly addmm's bias
 }
 
 
@@ -80,38 +80,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def gemm_plan(model: BertModel, batch: int, seq: int, device: str, dtype: torch.dtype,
-              attention: bool = True) -> Callable[[], None]:
+              attention: bool = True, pool: dict | None = None) -> Callable[[], None]:
     """A closure that runs every matrix product of one forward, back to back, into preallocated outputs.
 
     Inputs are random (the values do not change the speed of a dense GEMM), weights are the model's own.
+    Buffers of one shape are shared by all layers, and by all plans given the same `pool` (the products run
+    one after another, so sharing changes nothing but the memory held).
     """
     t = batch * seq
     hsz = model.config.hidden_size
+    pool = {} if pool is None else pool
     g = torch.Generator(device="cpu").manual_seed(0)
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    def buf(kind: str, *shape: int) -> torch.Tensor:
+        key = (kind, shape, device, dtype)
+        if key not in pool:
+            x = torch.randn(*shape, generator=g)
+            pool[key] = (torch.softmax(x, dim=-1) if kind == "probs" else x).to(device=device, dtype=dtype)
+        return pool[key]
+
+    def linear(lin: torch.nn.Linear) -> Callable[[], object]:
+        w, b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
+        x, out = buf("in", t, w.shape[1]), buf("out", t, w.shape[0])
+        return lambda: torch.addmm(b, x, w.t(), out=out)
 
     ops: list[Callable[[], object]] = []
     for layer in model.layers:
         if layer.attention is not None:
             a = layer.attention
-            inner, n, d = a.num_heads * a.head_dim, a.num_heads, a.head_dim
-            for lin, k_in in ((a.qkv, hsz), (a.out, inner)):
-                w, b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
-                x, out = rand(t, k_in), torch.empty(t, w.shape[0], device=device, dtype=dtype)
-                ops.append(lambda b=b, x=x, w=w, out=out: torch.addmm(b, x, w.t(), out=out))
+            n, d = a.num_heads, a.head_dim
+            ops += [linear(a.qkv), linear(a.out)]
             if attention:
-                q, kt, v = rand(batch * n, seq, d), rand(batch * n, d, seq), rand(batch * n, seq, d)
-                p = torch.softmax(rand(batch * n, seq, seq), dim=-1)
-                s_out, c_out = torch.empty_like(p), torch.empty_like(v)
+                q, kt, v = buf("in", batch * n, seq, d), buf("in", batch * n, d, seq), buf("in2", batch * n, seq, d)
+                p, s_out, c_out = buf("probs", batch * n, seq, seq), buf("out", batch * n, seq, seq), \
+                    buf("out", batch * n, seq, d)
                 ops.append(lambda q=q, kt=kt, s_out=s_out: torch.bmm(q, kt, out=s_out))
                 ops.append(lambda p=p, v=v, c_out=c_out: torch.bmm(p, v, out=c_out))
         if layer.ffn is not None:
-            for lin in (layer.ffn.up, layer.ffn.down):
-                w, b = lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)
-                x, out = rand(t, w.shape[1]), torch.empty(t, w.shape[0], device=device, dtype=dtype)
-                ops.append(lambda b=b, x=x, w=w, out=out: torch.addmm(b, x, w.t(), out=out))
+            ops += [linear(layer.ffn.up), linear(layer.ffn.down)]
 
     def run() -> None:
         with torch.inference_mode():
@@ -148,8 +154,9 @@ def run_shape(model: BertModel, batch: int, seq: int, args: argparse.Namespace, 
         with torch.inference_mode(), autocast(device):
             model(ids, attention_mask=mask)
 
-    fns = {"forward": forward, "gemms": gemm_plan(model, batch, seq, device, dtype),
-           "gemms_linear": gemm_plan(model, batch, seq, device, dtype, attention=False)}
+    pool: dict = {}
+    fns = {"forward": forward, "gemms": gemm_plan(model, batch, seq, device, dtype, pool=pool),
+           "gemms_linear": gemm_plan(model, batch, seq, device, dtype, attention=False, pool=pool)}
     samples = interleaved(fns, args.warmup, args.rounds, 1, sync)
     res = {n: summarize(s, batch, seq) for n, s in samples.items()}
     flops = encoder_flops(model, batch, seq)
@@ -188,7 +195,8 @@ def markdown(result: dict) -> str:
         groups = sorted({g for c in profiled for g in c["profile_shares"]},
                         key=lambda g: -max(c["profile_shares"].get(g, 0) for c in profiled))
         lines += ["", f"Where the forward's time goes (torch.profiler self CPU time, {s['profile_iters']} forwards; "
-                  "the SDPA kernel includes its own two attention products):", "",
+                  "the SDPA kernel includes its own two attention products; copies are mostly `addmm` writing the bias into its "
+                  "output before the product, one per linear layer, which the GEMMs-only timing includes too):", "",
                   "| shape | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
         for c in profiled:
             lines.append(f"| {c['batch']}x{c['seq']} | " +

@@ -146,10 +146,11 @@ def main(argv: list[str] | None = None) -> dict:
     grid = cells(dense, args)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     fns: dict[str, Callable[[], None]] = {}
+    pool: dict = {}  # GEMM buffers shared by every cell's plan
     for name, (_, model) in grid.items():
         fns[name] = forward_fn(model, ids, mask, device)
         if args.gemms:
-            fns[f"{name} | gemms"] = gemm_plan(model, args.batch, args.seq, device, dtype)
+            fns[f"{name} | gemms"] = gemm_plan(model, args.batch, args.seq, device, dtype, pool=pool)
     print(f"[{device}] {len(grid)} models, batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}",
           flush=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
