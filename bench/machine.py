@@ -53,6 +53,14 @@ def load_note(machine: dict, wall_seconds: float | None = None) -> str | None:
     return note + (f"; wall time {wall_seconds / 60:.1f} min." if wall_seconds is not None else ".")
 
 
+def result_paths(out: str, stem: str) -> tuple[Path, Path]:
+    """The JSON and markdown paths of a result: `out` names the .json file itself, or a folder for <stem>.json."""
+    p = Path(out)
+    if p.suffix == ".json":
+        return p, p.with_suffix(".md")
+    return p / f"{stem}.json", p / f"{stem}.md"
+
+
 def write_result(result: dict, json_path: Path, md_path: Path, table: str) -> None:
     """Write a benchmark's result as JSON and its markdown table, and print the table."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
