@@ -226,7 +226,7 @@ class Study:
 
 def estimate_seconds(cells: list[Cell], args, examples_per_second: float) -> float:
     """Training examples the plan will see, over a measured throughput (evaluation and pruning excluded)."""
-    n = args.max_train or 67349
+    n = args.max_train or 67349  # 'all': SST-2's size, the largest of the study's tasks
     trainings = {c.training for c in cells}
     recoveries = sum(1 for c in cells if c.method != "dense")
     return (len(trainings) * args.epochs + recoveries * args.recovery_epochs) * n / examples_per_second
@@ -348,6 +348,15 @@ def write_summary(args, jsonl: Path) -> str:
     return md
 
 
+def _max_train(text: str) -> int | None:
+    if text == "all":
+        return None
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--max-train takes a number of examples >= 1 or 'all', got {text!r}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--glue-dir", type=Path, required=True)
@@ -359,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(ALL),
                    help="names of minisnip's METHODS, or SNIP variants of this script's VARIANTS")
     p.add_argument("--distill", action="store_true", help="also run every method with distillation")
-    p.add_argument("--max-train", type=int, default=4000)
+    p.add_argument("--max-train", type=_max_train, default=4000,
+                   help="training examples per task (a seeded sample), or 'all' for the whole training set")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--recovery-epochs", type=int, default=1)

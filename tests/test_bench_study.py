@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_study_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
     study = bench_script("study")
@@ -34,3 +36,11 @@ def test_study_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_fold
     assert summary["rte"]["magnitude-unstructured"]["0.9"]["n"] == 1
     md = out.with_suffix(".md").read_text()
     assert "| snip |" in md and "**" in md and (tmp_path / "study_rte.png").stat().st_size > 1000
+
+
+def test_max_train_takes_a_count_or_all(bench_script):
+    study = bench_script("study")
+    assert study._max_train("all") is None and study._max_train("4000") == 4000
+    for bad in ("0", "-3"):
+        with pytest.raises(Exception, match="max-train"):
+            study._max_train(bad)
