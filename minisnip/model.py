@@ -90,6 +90,18 @@ class Packing:
         return out.view(self.batch, self.seq, *x.shape[1:])
 
 
+@dataclass
+class HostChecks:
+    """A batch's input checks and its packing, done on the host before the batch moved to the device.
+
+    `BertModel.forward` checks its inputs and packs a padded batch itself; both read the token ids and the mask
+    back, which on a GPU makes the host wait twice per forward. A loop that builds its batches on the host does
+    both there (`BertModel.check_on_host`, before the copy) and passes the result as `checked=`."""
+
+    has_padding: bool
+    packing: Packing | None  # the real tokens' index, on the device (None without padding)
+
+
 def attention_head(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """One attention head written out: softmax(q k^T / sqrt(d)) v, (..., S_q, d), (..., S_k, d), (..., S_k, d_v)
     -> (..., S_q, d_v), any leading (batch, heads) dimensions.
@@ -397,9 +409,22 @@ class BertModel(nn.Module):
                              f"got values in [{mlo}, {mhi}]")
         return mlo == 0  # some token is padding
 
+    def check_on_host(self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None,
+                      device: torch.device) -> HostChecks:
+        """`check_inputs` and the packing index on host (CPU) tensors, the index then sent to `device` without
+        blocking: for `forward(..., checked=)`, so that the forward reads nothing back from the device."""
+        if input_ids.device.type != "cpu" or (attention_mask is not None and attention_mask.device.type != "cpu"):
+            raise ValueError("check_on_host takes the batch as it is on the host, before it moves to the device")
+        has_padding = self.check_inputs(input_ids, attention_mask, token_type_ids)
+        if not has_padding:
+            return HostChecks(False, None)
+        packing = Packing.from_mask(attention_mask)
+        index = packing.index.pin_memory() if device.type == "cuda" else packing.index
+        return HostChecks(True, Packing(index.to(device, non_blocking=True), packing.batch, packing.seq))
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                cls_only: bool = False, pack_trace: bool = False) -> Tensor:
+                cls_only: bool = False, pack_trace: bool = False, checked: HostChecks | None = None) -> Tensor:
         """(batch, seq) token ids -> (batch, seq, hidden) last hidden states.
 
         attention_mask: 1 for real tokens, 0 for padding (default: all real). token_type_ids: segment A/B
@@ -411,8 +436,10 @@ class BertModel(nn.Module):
         without `pack_trace`: that trace records the unpacked computation, every position of the batch. With
         pack_trace the layers run packed and so does the trace (`LayerTrace.packing`), which is cheaper
         where a reader wants the real tokens only. The returned hidden states are 0 at padded positions.
+        checked: these inputs' `check_on_host` result; the forward then checks nothing and packs with its index.
         """
-        has_padding = self.check_inputs(input_ids, attention_mask, token_type_ids)
+        has_padding = self.check_inputs(input_ids, attention_mask, token_type_ids) if checked is None \
+            else checked.has_padding
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         mask = None
@@ -420,7 +447,9 @@ class BertModel(nn.Module):
             mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): True = may attend
         x = self.embeddings(input_ids, token_type_ids)
         cls_only = cls_only and trace is None and len(self.layers) > 0
-        packing = Packing.from_mask(attention_mask) if has_padding and (trace is None or pack_trace) else None
+        packing = None
+        if has_padding and (trace is None or pack_trace):
+            packing = Packing.from_mask(attention_mask) if checked is None else checked.packing
         if packing is not None:
             x = packing.pack(x)
         for i, layer in enumerate(self.layers):
@@ -462,8 +491,9 @@ class BertForSequenceClassification(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                pack_trace: bool = False) -> Tensor:
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, trace, cls_only=True, pack_trace=pack_trace)
+                pack_trace: bool = False, checked: HostChecks | None = None) -> Tensor:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, trace, cls_only=True, pack_trace=pack_trace,
+                           checked=checked)
         return self.classifier(self.dropout(self.bert.pooler(hidden)))
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:

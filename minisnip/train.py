@@ -49,7 +49,7 @@ from .checkpoint import save_pretrained
 from .data import Encoded, iterate, length_bucketed_batches, sorted_batches
 from .glue import GlueTask
 from .metrics import compute_metrics
-from .model import BertForSequenceClassification, LayerTrace
+from .model import BertForSequenceClassification, HostChecks, LayerTrace
 from .tokenizer import Tokenizer
 
 
@@ -65,6 +65,8 @@ class StepContext:
     logits: Tensor | None = None
     loss: Tensor | None = None  # the task loss of this batch
     traces: list[LayerTrace] | None = None  # one per layer when a hook needs them (packed: see TrainHook)
+    checked: HostChecks | None = None  # the batch's input checks and packing, done on the host (a forward of the
+    #                                    same batch, e.g. a teacher's with the same tokenizer, may pass it on)
     lr: float = 0.0  # the learning rate of this step (the model's parameter groups)
     # distributed: N x this rank's part of the global batch (`distributed.my_part`); a loss term that is a mean
     # over this batch's examples is multiplied by it. 1 on one process; 0 for a rank with no example this step
@@ -349,14 +351,18 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
         batches = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed + epoch)
         for global_batch in batches:
             index, share = distributed.my_part(global_batch)  # one process: the whole batch, share 1
-            batch = to_device(train.batch(index, tokenizer), device)
+            host = train.batch(index, tokenizer)
+            checked = model.bert.check_on_host(host["input_ids"], host["attention_mask"], host["token_type_ids"],
+                                               device)  # on the host: the forward reads nothing back
+            batch = to_device(host, device)
             ctx = StepContext(step=history.steps + 1, total_steps=total_steps, epoch=epoch, model=model, batch=batch,
-                              traces=[] if want_traces else None, lr=o.opt.param_groups[0]["lr"], share=share)
+                              traces=[] if want_traces else None, lr=o.opt.param_groups[0]["lr"], share=share,
+                              checked=checked)
             for h in hooks:
                 h.before_forward(ctx)
             with autocast(device, dtype), parametrize.cached():  # each parametrized weight once per step
                 ctx.logits = net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces,
-                                 pack_trace=pack_trace)
+                                 pack_trace=pack_trace, checked=checked)
                 ctx.loss = loss = model.loss(ctx.logits, batch["labels"])
                 terms = [t for t in (h.loss(ctx) for h in hooks) if t is not None]
                 pen = torch.stack([t.float() for t in terms]).sum() if terms else None

@@ -124,7 +124,8 @@ class DistillHook(TrainHook):
         self.teacher.eval()
         trace = [] if self.needs_traces else None
         with torch.no_grad():
-            t_logits = self.teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], trace)
+            t_logits = self.teacher(b["input_ids"], b["attention_mask"], b["token_type_ids"], trace,
+                                    checked=ctx.checked)  # the student's host checks: the same batch
         kd = distillation_loss(ctx.logits, t_logits, self.cfg.temperature, self.regression)
         self._kd_sum, self._n = self._kd_sum + kd.detach().float(), self._n + 1  # on the device: read per epoch
         if self.needs_traces:
