@@ -45,6 +45,21 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def code_version() -> str | None:
+    """The git commit of the checkout that runs (with "+changes" when the tree has uncommitted edits), or None
+    outside a git checkout: a result records which code produced it."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def load_note(machine: dict, wall_seconds: float | None = None) -> str | None:
     """One line for a results table: the 1-minute load average at start and end (and the wall time)."""
     if machine.get("loadavg_1m_start") is None:

@@ -40,7 +40,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 import torch  # noqa: E402
 
 import minisnip  # noqa: E402
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import code_version, machine_info  # noqa: E402
 from minisnip.__main__ import METHODS  # noqa: E402
 from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
 from minisnip.config import BertConfig  # noqa: E402
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in read_records(jsonl)}
     cells = [c for c in plan(args) if c.key not in done]
     mine = [c for c in cells if shard_of(c, plan(args), n) == i]
-    study = Study(args)
+    study, code = Study(args), code_version()
     if mine:
         speed = measure_throughput(study, mine[0].task)
         eta = estimate_seconds(mine, args, speed)
@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         record = study.run(cell)
         record["cell_seconds"] = time.perf_counter() - t0
+        record["code"] = code  # which minisnip computed the cell (numbers move when SNIP's computation changes)
         with jsonl.open("a") as sink:  # one line per finished cell, flushed: an interruption loses one cell
             sink.write(json.dumps(record) + "\n")
         print(f"{cell.task} seed {cell.seed} {cell.method}{' +distill' if cell.distill else ''} @ {cell.target:.2f}: "
