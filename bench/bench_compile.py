@@ -14,7 +14,6 @@ inductor backend needs a C++ compiler, for instance), the error is recorded in t
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -27,33 +26,19 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
-import minisnip  # noqa: E402
 from bench.bench_encoder import autocast, interleaved, make_inputs, summarize  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info, result_paths, write_result  # noqa: E402
+from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, resolve_timing_args,  # noqa: E402
+                           save_result, start_run)
 from minisnip.model import BertModel  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p = benchmark_parser(__doc__)
     p.add_argument("--mode", default="default", help="torch.compile mode (default, reduce-overhead, max-autotune, ...)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (inductor; eager: tracing only, a test)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs available)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations each after compiling (default 2; --quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; --quick 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="1 warm-up, 3 rounds")
-    p.add_argument("--out", default=str(HERE / "results"),
-                   help="output folder (compile_<device>[_quick].json/.md inside), or a .json path")
+    add_timing_args(p, "compile", rounds=9)
     args = p.parse_args(argv)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 9)
-    if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    resolve_timing_args(args)
     return args
 
 
@@ -70,15 +55,9 @@ def short_error(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
     device = args.device
-    folder = Path(args.model) if args.model else minisnip.default_model_path()
-    machine = machine_info(device)
+    folder, machine, t0 = start_run(args)
     machine["compilers"] = compilers()
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
     model = BertModel.from_pretrained(folder).to(device).eval()
     ids, mask, _ = make_inputs(args.batch, args.seq, model.config.vocab_size, 0.0, args.seed, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -120,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "model": str(folder), "dtype": "bf16 autocast" if device == "cuda" else "float32"}
     result = {"machine": machine, "settings": settings, "compile": compile_info, **result_cases,
               "wall_s": time.perf_counter() - t0}
-    stem = f"compile_{device}{'_quick' if args.quick else ''}"
-    write_result(result, *result_paths(args.out, stem), markdown(result))
+    save_result(result, args, device, markdown(result))
     return result
 
 

@@ -21,7 +21,6 @@ two attention products internally: in the profile they count under "sdpa", not "
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -34,10 +33,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
-import minisnip  # noqa: E402
 from bench.bench_encoder import autocast, encoder_flops, interleaved, make_inputs, summarize  # noqa: E402
 from bench.bench_shapes import DEFAULT_SHAPES, parse_shape  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info, result_paths, write_result  # noqa: E402
+from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, resolve_timing_args,  # noqa: E402
+                           save_result, start_run)
 from minisnip.model import BertModel  # noqa: E402
 
 # profiler op name -> group; ops not listed fall into "other"
@@ -56,26 +55,14 @@ OP_GROUPS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p = benchmark_parser(__doc__, batch_seq=False)
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
                    help=f"batch x length cases (default {' '.join(DEFAULT_SHAPES)})")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs available)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations each (default 2; --quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9; --quick 3)")
+    add_timing_args(p, "limit", rounds=9)
     p.add_argument("--profile-iters", type=int, default=2, help="forwards under torch.profiler (0: no profile)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="1 warm-up, 3 rounds")
-    p.add_argument("--out", default=str(HERE / "results"),
-                   help="output folder (limit_<device>[_quick].json/.md inside), or a .json path")
     args = p.parse_args(argv)
     args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 9)
-    if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    resolve_timing_args(args)
     return args
 
 
@@ -88,7 +75,6 @@ def gemm_plan(model: BertModel, batch: int, seq: int, device: str, dtype: torch.
     one after another, so sharing changes nothing but the memory held).
     """
     t = batch * seq
-    hsz = model.config.hidden_size
     pool = {} if pool is None else pool
     g = torch.Generator(device="cpu").manual_seed(0)
 
@@ -211,13 +197,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    folder = Path(args.model) if args.model else minisnip.default_model_path()
-    machine = machine_info(args.device)
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
+    folder, machine, t0 = start_run(args)
     model = BertModel.from_pretrained(folder).to(args.device).eval()
     cases = [run_shape(model, b, s, args, args.device) for b, s in args.shapes]
     machine["loadavg_1m_end"] = loadavg()
@@ -225,8 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "rounds": args.rounds, "profile_iters": args.profile_iters, "seed": args.seed, "quick": args.quick,
                 "model": str(folder), "dtype": "bf16" if args.device == "cuda" else "float32"}
     result = {"machine": machine, "settings": settings, "cases": cases, "wall_s": time.perf_counter() - t0}
-    stem = f"limit_{args.device}{'_quick' if args.quick else ''}"
-    write_result(result, *result_paths(args.out, stem), markdown(result))
+    save_result(result, args, args.device, markdown(result))
     return result
 
 

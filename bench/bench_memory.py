@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -38,7 +37,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 import minisnip  # noqa: E402
 from bench.bench_encoder import make_inputs  # noqa: E402
 from bench.bench_pruned import width_cell  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info, result_paths, write_result  # noqa: E402
+from bench.machine import benchmark_parser, load_note, loadavg, machine_info, save_result  # noqa: E402
 from minisnip.model import BertModel  # noqa: E402
 
 CASES = [("inference", "dense"), ("inference", "pruned"), ("training", "dense"), ("training", "pruned")]
@@ -46,12 +45,7 @@ MIB = 2 ** 20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p = benchmark_parser(__doc__)
     p.add_argument("--pruned-fraction", type=float, default=0.5, help="heads and FFN neurons removed per layer")
     p.add_argument("--steps", type=int, default=None, help="forwards / training steps per case (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each case's process")
@@ -60,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "results"),
                    help="output folder (memory_<device>[_quick].json/.md inside), or a .json path")
     p.add_argument("--child", nargs=3, metavar=("MODE", "VARIANT", "FOLDER"), help=argparse.SUPPRESS)
+    p.set_defaults(stem="memory")
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 3)
     return args
@@ -190,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     settings = {"batch": args.batch, "seq": args.seq, "steps": args.steps, "threads": args.threads,
                 "pruned_fraction": args.pruned_fraction, "seed": args.seed, "quick": args.quick, "model": str(folder)}
     result = {"machine": machine, "settings": settings, "cases": cases, "wall_s": time.perf_counter() - t0}
-    stem = f"memory_{args.device}{'_quick' if args.quick else ''}"
-    write_result(result, *result_paths(args.out, stem), markdown(result))
+    save_result(result, args, args.device, markdown(result))
     return result
 
 

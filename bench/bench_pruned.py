@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -36,10 +35,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
-import minisnip  # noqa: E402
 from bench.bench_encoder import autocast, encoder_flops, interleaved, make_inputs  # noqa: E402
 from bench.bench_limit import gemm_plan  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info, result_paths, write_result  # noqa: E402
+from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, resolve_timing_args,  # noqa: E402
+                           save_result, start_run)
 from minisnip.model import BertModel  # noqa: E402
 from minisnip.surgery import prune_ffn_neurons, prune_heads, remove_blocks  # noqa: E402
 
@@ -47,12 +46,7 @@ DENSE = "dense"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=128)
+    p = benchmark_parser(__doc__)
     p.add_argument("--levels", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9],
                    help="fractions of heads / FFN neurons removed in every layer")
     p.add_argument("--grid", choices=["cross", "full"], default="cross",
@@ -60,18 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--blocks", nargs="*", type=int, default=[2, 4],
                    help="k for the whole-block cells: attention / FFN / both removed in the first k layers")
     p.add_argument("--no-gemms", dest="gemms", action="store_false", help="do not time each cell's GEMMs alone")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs available)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per model (default 2; --quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7; --quick 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="1 warm-up, 3 rounds")
-    p.add_argument("--out", default=str(HERE / "results"),
-                   help="output folder (pruned_<device>[_quick].json/.md inside), or a .json path")
+    add_timing_args(p, "pruned", rounds=7)
     args = p.parse_args(argv)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
-    if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    resolve_timing_args(args)
     if any(not 0 <= lv < 1 for lv in args.levels):
         p.error("--levels must lie in [0, 1)")
     return args
@@ -133,14 +118,8 @@ def forward_fn(model: BertModel, ids: torch.Tensor, mask: torch.Tensor, device: 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
     device = args.device
-    folder = Path(args.model) if args.model else minisnip.default_model_path()
-    machine = machine_info(device)
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
+    folder, machine, t0 = start_run(args)
     dense = BertModel.from_pretrained(folder).to(device).eval()
     ids, mask, _ = make_inputs(args.batch, args.seq, dense.config.vocab_size, 0.0, args.seed, device)
     grid = cells(dense, args)
@@ -184,8 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "rounds": args.rounds, "seed": args.seed, "quick": args.quick, "model": str(folder),
                 "dtype": "bf16 autocast" if device == "cuda" else "float32"}
     result = {"machine": machine, "settings": settings, "cells": rows, "wall_s": time.perf_counter() - t0}
-    stem = f"pruned_{device}{'_quick' if args.quick else ''}"
-    write_result(result, *result_paths(args.out, stem), markdown(result))
+    save_result(result, args, device, markdown(result))
     return result
 
 

@@ -13,7 +13,6 @@ CPU in float32; CUDA (when present) with bf16 autocast for both models.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 
 import minisnip  # noqa: E402
 from bench.bench_encoder import MS, REF, load_models, make_inputs, max_abs_diff, run_case  # noqa: E402
-from bench.machine import load_note, loadavg, machine_info, result_paths, write_result  # noqa: E402
+from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, machine_info,  # noqa: E402
+                           resolve_timing_args, save_result)
 
 DEFAULT_SHAPES = ("1x128", "32x128", "8x512")
 
@@ -43,28 +43,16 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = benchmark_parser(__doc__, auto_device=True, batch_seq=False)
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
                    help=f"batch x length cases (default {' '.join(DEFAULT_SHAPES)})")
     p.add_argument("--modes", nargs="+", default=["forward", "forward_backward"],
                    choices=["forward", "forward_backward"])
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs available)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per model and case (default 2; --quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 7; --quick 3)")
+    add_timing_args(p, "shapes", rounds=7)
     p.add_argument("--iters", type=int, default=1, help="iterations per timed sample")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="1 warm-up and 3 rounds per case")
-    p.add_argument("--out", default=str(HERE / "results"),
-                   help="output folder (shapes_<device>[_quick].json/.md inside), or a .json path")
     args = p.parse_args(argv)
     args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
-    if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    resolve_timing_args(args)
     return args
 
 
@@ -124,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     results = {}
     for device in devices:
         result = run_device(args, folder, device)
-        stem = f"shapes_{device}{'_quick' if args.quick else ''}"
-        write_result(result, *result_paths(args.out, stem), markdown(result))
+        save_result(result, args, device, markdown(result))
         results[device] = result
     return results
 

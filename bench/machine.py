@@ -60,6 +60,69 @@ def code_version() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def benchmark_parser(doc: str, auto_device: bool = False, batch_seq: bool = True):
+    """An argument parser with what every encoder benchmark takes: --model, --device, and (batch_seq) --batch and
+    --seq. doc: the script's docstring (its first paragraph is the description)."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
+    if auto_device:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    else:
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    if batch_seq:
+        p.add_argument("--batch", type=int, default=32)
+        p.add_argument("--seq", type=int, default=128)
+    return p
+
+
+def start_run(args) -> tuple[Path, dict, float]:
+    """The start of a timing benchmark's run on args.device: threads and seed set, the device checked; returns the
+    model folder, the machine record and the start time."""
+    import time
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    folder = Path(args.model) if args.model else minisnip.default_model_path()
+    machine = machine_info(args.device)
+    torch.manual_seed(args.seed)
+    return folder, machine, time.perf_counter()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (the default thread count of the timing benchmarks)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def add_timing_args(p, stem: str, rounds: int) -> None:
+    """The options the interleaved timing benchmarks share: threads, warm-up, rounds, seed, --quick, --out
+    (`stem`: the result's name, e.g. "limit" for limit_<device>[_quick].json). `resolve_timing_args` fills in
+    the defaults after parsing."""
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: CPUs available)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per model (default 2; --quick 1)")
+    p.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {rounds}; --quick 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="1 warm-up, 3 rounds")
+    p.add_argument("--out", default=str(RESULTS),
+                   help=f"output folder ({stem}_<device>[_quick].json/.md inside), or a .json path")
+    p.set_defaults(default_rounds=rounds, stem=stem)
+
+
+def resolve_timing_args(args) -> None:
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else args.default_rounds)
+    if args.threads is None:
+        args.threads = available_cpus()
+
+
+def save_result(result: dict, args, device: str, markdown: str) -> None:
+    """Write <stem>_<device>[_quick].json/.md into --out (or to the --out .json path) and print the table."""
+    write_result(result, *result_paths(args.out, f"{args.stem}_{device}{'_quick' if args.quick else ''}"), markdown)
+
+
 def load_note(machine: dict, wall_seconds: float | None = None) -> str | None:
     """One line for a results table: the 1-minute load average at start and end (and the wall time)."""
     if machine.get("loadavg_1m_start") is None:
