@@ -64,7 +64,15 @@ VARIANTS: dict[str, tuple] = {
     "snip-unweighted": (snip_method, {"prior_weights": None}),
     "snip-prox-lambda100": (snip_method, {"prior_step": "proximal", "prox_lambda": 100.0}),
     "snip-prox-lambda1000": (snip_method, {"prior_step": "proximal", "prox_lambda": 1000.0}),
+    "snip-blocks": (snip_method, {}),  # the prior and the thresholding on whole blocks (RECIPE below)
+    "snip-per-param": (snip_method, {}),  # ranking by norm per parameter (RECIPE below)
 }
+# variants that change the recipe's choices (PruneConfig), not SNIP's Config
+RECIPE: dict[str, dict] = {
+    "snip-blocks": {"kinds": ("attention", "ffn")},
+    "snip-per-param": {"per_param": True},
+}
+SAME_TRAINING = {"snip-per-param": "snip"}  # only the selection differs: the cells share snip's fine-tune
 ALL = {**METHODS, **VARIANTS}
 UNSTRUCTURED_EXTRA = (0.9, 0.95)  # unstructured methods' papers claim their strength there
 
@@ -89,7 +97,7 @@ class Cell:
         module = ALL[self.method][0]
         if module.SCHEDULED:
             return self.key
-        return (self.task, self.seed, self.method, self.distill)
+        return (self.task, self.seed, SAME_TRAINING.get(self.method, self.method), self.distill)
 
 
 def plan(args) -> list[Cell]:
@@ -170,7 +178,7 @@ class Study:
 
     def prune_cfg(self, cell: Cell) -> PruneConfig:
         return PruneConfig(target=cell.target or None, recovery_epochs=self.args.recovery_epochs,
-                           distill=DistillConfig() if cell.distill else None)
+                           distill=DistillConfig() if cell.distill else None, **RECIPE.get(cell.method, {}))
 
     def fine_tuned(self, cell: Cell):
         """The fine-tuned model for this cell's training (shared), with the method's hooks and dev scores."""

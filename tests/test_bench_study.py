@@ -45,3 +45,14 @@ def test_max_train_takes_a_count_or_all(bench_script):
     for bad in ("0", "-3"):
         with pytest.raises(Exception, match="max-train"):
             study._max_train(bad)
+
+
+def test_recipe_variants_change_the_recipe_and_share_what_they_can(bench_script):
+    study = bench_script("study")
+    snip, per_param, blocks = (study.Cell("mrpc", 1, m, 0.5) for m in ("snip", "snip-per-param", "snip-blocks"))
+    assert per_param.training == snip.training  # only the selection differs
+    assert blocks.training != snip.training  # the prior penalises other branches: its own fine-tune
+    runner = study.Study.__new__(study.Study)  # prune_cfg reads only the arguments
+    runner.args = type("A", (), {"recovery_epochs": 1})()
+    assert runner.prune_cfg(per_param).per_param and not runner.prune_cfg(snip).per_param
+    assert runner.prune_cfg(blocks).kinds == ("attention", "ffn") and runner.prune_cfg(snip).kinds == ("head", "neurons")
