@@ -62,6 +62,7 @@ VARIANTS: dict[str, tuple] = {
     "snip-lambda1e-3": (snip_method, {"prior_lambda": 1e-3}),
     "snip-warmup0": (snip_method, {"prior_warmup": 0.0}),
     "snip-unweighted": (snip_method, {"prior_weights": None}),
+    "snip-prox-lambda30": (snip_method, {"prior_step": "proximal", "prox_lambda": 30.0}),
     "snip-prox-lambda100": (snip_method, {"prior_step": "proximal", "prox_lambda": 100.0}),
     "snip-prox-lambda1000": (snip_method, {"prior_step": "proximal", "prox_lambda": 1000.0}),
     "snip-blocks": (snip_method, {}),  # the prior and the thresholding on whole blocks (RECIPE below)
