@@ -12,7 +12,8 @@ Pruning methods (and observers) plug in through `hooks`: a list of `TrainHook` o
     after_step(ctx)       after the optimiser step: e.g. a sparsity schedule, a proximal step, a running estimate
 
 with a `StepContext` holding the step, the model, the batch, the logits, the task loss and (when any hook
-sets `needs_traces`) one `LayerTrace` per layer. `param_groups()` adds parameters of a hook's own (scores,
+sets `needs_traces`) one `LayerTrace` per layer, on the packed layout (real tokens only) when every such hook
+sets `packed_traces`. `param_groups()` adds parameters of a hook's own (scores,
 gate logits) to the optimiser with their own learning rate. Nothing else of the loop changes.
 
 A parametrized weight (spectral normalization, `minisnip.snip.spectral`) is computed once per step
