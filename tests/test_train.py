@@ -222,3 +222,31 @@ def test_bf16_autocast_path_runs_and_learns(tiny_folder, glue_fixtures_dir):
     assert history.epochs[-1]["train_loss"] < 0.1
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_traces_are_packed_only_when_every_reader_takes_packed_traces(tiny_folder, glue_fixtures_dir):
+    """fit records packed traces (real tokens only) when every hook that needs traces sets packed_traces, and
+    traces on the batch layout as soon as one reader does not."""
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)
+
+    class Reader(TrainHook):
+        needs_traces = True
+
+        def __init__(self, packed: bool):
+            self.packed_traces, self.seen = packed, []
+
+        def after_step(self, ctx):
+            padded = bool((ctx.mask == 0).any())
+            t = ctx.traces[0]
+            self.seen.append((padded, t.packing is not None, t.x.dim()))
+
+    for flags in ([True], [True, False]):
+        readers = [Reader(f) for f in flags]
+        fit(load_classifier(tiny_folder, data.task), tokenizer, data.task, data.train, {"dev": data.dev["dev"]},
+            quick_cfg(epochs=1), hooks=readers)
+        seen = readers[0].seen
+        assert any(padded for padded, _, _ in seen)  # the fixture's batches carry padding
+        for padded, packed, dim in seen:
+            assert packed == (padded and all(flags))  # without padding there is nothing to pack
+            assert dim == (2 if packed else 3)  # (tokens, hidden) or (batch, seq, hidden)
