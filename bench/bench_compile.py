@@ -27,8 +27,8 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 from bench.bench_encoder import autocast, interleaved, make_inputs, summarize  # noqa: E402
-from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, resolve_timing_args,  # noqa: E402
-                           save_result, start_run)
+from bench.machine import (add_timing_args, benchmark_parser, loadavg, resolve_timing_args, save_result,  # noqa: E402
+                           start_run, table_text)
 from minisnip.model import BertModel  # noqa: E402
 
 
@@ -120,10 +120,7 @@ def markdown(result: dict) -> str:
                   f"{result['ratio_cpu']:.2f} | {c['call_1_s']:.1f} | {c['call_2_s']:.2f} |", "",
                   f"ratio > 1: the compiled forward is faster. max |compiled - eager| = {c['max_abs_diff']:.1e}. "
                   "The first call includes tracing and code generation (compile time)."]
-    note = load_note(m, result["wall_s"])
-    if note:
-        lines.append(note)
-    return "\n".join(lines) + "\n"
+    return table_text(lines, m, result["wall_s"])
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import load_note, write_result, loadavg, machine_info  # noqa: E402
+from bench.machine import loadavg, machine_info, table_text, write_result  # noqa: E402
 from minisnip.data import Encoded, iterate, length_bucketed_batches  # noqa: E402
 from minisnip.finetune import load_classifier, load_task_data  # noqa: E402
 from minisnip.glue import GLUE_DIR_ENV, GlueTask  # noqa: E402
@@ -450,10 +450,7 @@ def markdown(result: dict) -> str:
                          f"loss difference {chk['max_rel_diff']:.1e} ({'passed' if chk['passed'] else 'FAILED'}, "
                          f"tolerance {chk['tolerance']:g}); max |Δ logit| {chk['max_abs_logit_diff_before']:.1e} "
                          f"before, {chk['max_abs_logit_diff_after']:.1e} after.")
-    note = load_note(m, result["wall_seconds"])
-    if note:
-        lines.append(note)
-    return "\n".join(lines) + "\n"
+    return table_text(lines, m, result["wall_seconds"])
 
 
 def output_paths(out: str | None, device: str, quick: bool) -> tuple[Path, Path]:

@@ -35,8 +35,8 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 
 from bench.bench_encoder import autocast, encoder_flops, interleaved, make_inputs, summarize  # noqa: E402
 from bench.bench_shapes import DEFAULT_SHAPES, parse_shape  # noqa: E402
-from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, resolve_timing_args,  # noqa: E402
-                           save_result, start_run)
+from bench.machine import (add_timing_args, benchmark_parser, loadavg, resolve_timing_args, save_result,  # noqa: E402
+                           start_run, table_text)
 from minisnip.model import BertModel  # noqa: E402
 
 # profiler op name -> group; ops not listed fall into "other"
@@ -189,10 +189,7 @@ def markdown(result: dict) -> str:
                          " | ".join(f"{c['profile_shares'].get(g, 0):.1%}" for g in groups) + " |")
     lines += ["", "forward / GEMMs: the whole forward's median time over that of its matrix products alone "
               "(QKV, output, FFN up/down as addmm; Q K^T and P V as bmm), run back to back on preallocated tensors."]
-    note = load_note(m, result["wall_s"])
-    if note:
-        lines.append(note)
-    return "\n".join(lines) + "\n"
+    return table_text(lines, m, result["wall_s"])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -37,7 +37,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 import minisnip  # noqa: E402
 from bench.bench_encoder import make_inputs  # noqa: E402
 from bench.bench_pruned import width_cell  # noqa: E402
-from bench.machine import benchmark_parser, load_note, loadavg, machine_info, save_result  # noqa: E402
+from bench.machine import benchmark_parser, loadavg, machine_info, save_result, table_text  # noqa: E402
 from minisnip.model import BertModel  # noqa: E402
 
 CASES = [("inference", "dense"), ("inference", "pruned"), ("training", "dense"), ("training", "pruned")]
@@ -154,10 +154,7 @@ def markdown(result: dict) -> str:
     lines += ["", f"peak growth = high-water mark minus the level after loading the model and building the inputs "
               f"({result['cases'][0]['method']}); training holds gradients and AdamW's two moments besides the "
               "activations."]
-    note = load_note(m, result["wall_s"])
-    if note:
-        lines.append(note)
-    return "\n".join(lines) + "\n"
+    return table_text(lines, m, result["wall_s"])
 
 
 def main(argv: list[str] | None = None) -> dict | None:

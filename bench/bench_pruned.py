@@ -37,8 +37,8 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 
 from bench.bench_encoder import autocast, encoder_flops, interleaved, make_inputs  # noqa: E402
 from bench.bench_limit import gemm_plan  # noqa: E402
-from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, resolve_timing_args,  # noqa: E402
-                           save_result, start_run)
+from bench.machine import (add_timing_args, benchmark_parser, loadavg, resolve_timing_args, save_result,  # noqa: E402
+                           start_run, table_text)
 from minisnip.model import BertModel  # noqa: E402
 from minisnip.surgery import prune_ffn_neurons, prune_heads, remove_blocks  # noqa: E402
 
@@ -190,10 +190,7 @@ def markdown(result: dict) -> str:
     if gemms:
         lines.append("GEMMs ms: the cell's matrix products alone (preallocated, back to back); non-GEMM ms = forward "
                      "- GEMMs (embeddings, LayerNorm, GELU, softmax, residual sums, copies).")
-    note = load_note(m, result["wall_s"])
-    if note:
-        lines.append(note)
-    return "\n".join(lines) + "\n"
+    return table_text(lines, m, result["wall_s"])
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 
 import minisnip  # noqa: E402
 from bench.bench_encoder import MS, REF, load_models, make_inputs, max_abs_diff, run_case  # noqa: E402
-from bench.machine import (add_timing_args, benchmark_parser, load_note, loadavg, machine_info,  # noqa: E402
-                           resolve_timing_args, save_result)
+from bench.machine import (add_timing_args, benchmark_parser, loadavg, machine_info,  # noqa: E402
+                           resolve_timing_args, save_result, table_text)
 
 DEFAULT_SHAPES = ("1x128", "32x128", "8x512")
 
@@ -95,10 +95,7 @@ def markdown(result: dict) -> str:
     lines += ["", "ratio = throughput of minisnip over transformers from the median wall-clock times (> 1: minisnip "
               "is faster). Outputs agree to "
               f"{max(c['max_abs_diff'] for c in result['cases']):.1e} (max |difference| of the hidden states)."]
-    note = load_note(m, result["wall_s"])
-    if note:
-        lines.append(note)
-    return "\n".join(lines) + "\n"
+    return table_text(lines, m, result["wall_s"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

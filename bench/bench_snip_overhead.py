@@ -53,7 +53,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.machine import load_note, write_result, loadavg, machine_info  # noqa: E402
+from bench.machine import loadavg, machine_info, table_text, write_result  # noqa: E402
 from minisnip.__main__ import METHODS  # noqa: E402
 from minisnip.data import Encoded  # noqa: E402
 from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
@@ -490,10 +490,7 @@ def markdown(result: dict) -> str:
                   "SNIP records one), prior = the method's loss terms, backward = zero_grad + backward, optimizer = "
                   "clipping + AdamW + schedule. Ratios: SNIP over plain fine-tuning of the same model "
                   "(snip-no-prior), same batches; above 1, SNIP is slower."]
-    note = load_note(m, result["wall_seconds"])
-    if note:
-        lines.append(note)
-    return "\n".join(lines) + "\n"
+    return table_text(lines, m, result["wall_seconds"])
 
 
 def output_paths(out: str | None, task: str, quick: bool) -> tuple[Path, Path]:

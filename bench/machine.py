@@ -131,6 +131,12 @@ def load_note(machine: dict, wall_seconds: float | None = None) -> str | None:
     return note + (f"; wall time {wall_seconds / 60:.1f} min." if wall_seconds is not None else ".")
 
 
+def table_text(lines: list[str], machine: dict, wall_seconds: float | None = None) -> str:
+    """A result's markdown: its lines, then the load-average line (`load_note`) when the load was read."""
+    note = load_note(machine, wall_seconds)
+    return "\n".join([*lines, note] if note else lines) + "\n"
+
+
 def result_paths(out: str, stem: str) -> tuple[Path, Path]:
     """The JSON and markdown paths of a result: `out` names the .json file itself, or a folder for <stem>.json."""
     p = Path(out)
