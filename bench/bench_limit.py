@@ -34,7 +34,6 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 from bench.bench_encoder import autocast, encoder_flops, interleaved, make_inputs, summarize  # noqa: E402
-from bench.bench_shapes import DEFAULT_SHAPES, parse_shape  # noqa: E402
 from bench.machine import (add_timing_args, benchmark_parser, loadavg, resolve_timing_args, save_result,  # noqa: E402
                            start_run, table_text)
 from minisnip.model import BertModel  # noqa: E402
@@ -55,13 +54,10 @@ OP_GROUPS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = benchmark_parser(__doc__, batch_seq=False)
-    p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
-                   help=f"batch x length cases (default {' '.join(DEFAULT_SHAPES)})")
+    p = benchmark_parser(__doc__, batch_seq=False, shapes=True)
     add_timing_args(p, "limit", rounds=9)
     p.add_argument("--profile-iters", type=int, default=2, help="forwards under torch.profiler (0: no profile)")
     args = p.parse_args(argv)
-    args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
     resolve_timing_args(args)
     return args
 

@@ -28,30 +28,13 @@ from bench.bench_encoder import MS, REF, load_models, make_inputs, max_abs_diff,
 from bench.machine import (add_timing_args, benchmark_parser, loadavg, machine_info,  # noqa: E402
                            resolve_timing_args, save_result, table_text)
 
-DEFAULT_SHAPES = ("1x128", "32x128", "8x512")
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    """'32x128' -> (32, 128): batch x tokens per example."""
-    try:
-        batch, seq = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r} is not BATCHxSEQ, e.g. 32x128") from None
-    if batch < 1 or seq < 2:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: batch must be >= 1 and seq >= 2")
-    return batch, seq
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = benchmark_parser(__doc__, auto_device=True, batch_seq=False)
-    p.add_argument("--shapes", nargs="+", type=parse_shape, default=None,
-                   help=f"batch x length cases (default {' '.join(DEFAULT_SHAPES)})")
+    p = benchmark_parser(__doc__, auto_device=True, batch_seq=False, shapes=True)
     p.add_argument("--modes", nargs="+", default=["forward", "forward_backward"],
                    choices=["forward", "forward_backward"])
     add_timing_args(p, "shapes", rounds=7)
     p.add_argument("--iters", type=int, default=1, help="iterations per timed sample")
     args = p.parse_args(argv)
-    args.shapes = args.shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
     resolve_timing_args(args)
     return args
 

@@ -1,4 +1,5 @@
-"""What machine a benchmark ran on: recorded in every result JSON, because only ratios from one run compare."""
+"""What the benchmarks share: the machine a result ran on (recorded in every result JSON, because only ratios from
+one run compare), their common options, and how a result is written."""
 
 from __future__ import annotations
 
@@ -63,9 +64,25 @@ def code_version() -> str | None:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def benchmark_parser(doc: str, auto_device: bool = False, batch_seq: bool = True):
+DEFAULT_SHAPES = ("1x128", "32x128", "8x512")
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'32x128' -> (32, 128): batch x tokens per example."""
+    import argparse
+    try:
+        batch, seq = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not BATCHxSEQ, e.g. 32x128") from None
+    if batch < 1 or seq < 2:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: batch must be >= 1 and seq >= 2")
+    return batch, seq
+
+
+def benchmark_parser(doc: str, auto_device: bool = False, batch_seq: bool = True, shapes: bool = False):
     """An argument parser with what every encoder benchmark takes: --model, --device, and (batch_seq) --batch and
-    --seq. doc: the script's docstring (its first paragraph is the description)."""
+    --seq, or (shapes) --shapes BATCHxSEQ ... (default DEFAULT_SHAPES). doc: the script's docstring (its first
+    paragraph is the description)."""
     import argparse
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
@@ -76,6 +93,9 @@ def benchmark_parser(doc: str, auto_device: bool = False, batch_seq: bool = True
     if batch_seq:
         p.add_argument("--batch", type=int, default=32)
         p.add_argument("--seq", type=int, default=128)
+    if shapes:
+        p.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape(s) for s in DEFAULT_SHAPES],
+                       help=f"batch x length cases (default {' '.join(DEFAULT_SHAPES)})")
     return p
 
 

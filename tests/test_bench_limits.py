@@ -49,10 +49,12 @@ def test_shapes(bench_script, hf_folder, tmp_path):
 
 
 def test_parse_shape(bench_script):
-    bench = bench_script("bench_shapes")
-    assert bench.parse_shape("32x128") == (32, 128)
-    with pytest.raises(Exception):
-        bench.parse_shape("32")
+    bench_script("bench_shapes")  # puts the checkout on sys.path, as the scripts do
+    from bench.machine import parse_shape
+    assert parse_shape("32x128") == (32, 128)
+    for bad in ("32", "0x128", "4x1"):
+        with pytest.raises(Exception, match="shape"):
+            parse_shape(bad)
 
 
 def test_limit(bench_script, tiny_folder, tmp_path):
