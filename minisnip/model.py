@@ -343,7 +343,8 @@ class Layer(nn.Module):
             f = self.ffn.project(z)
             y = self.ffn_norm(h + self.dropout(f))
         if trace is not None:
-            trace.append(LayerTrace(x=x, context=ctx, attention_out=a, h=h, ffn_act=z, ffn_out=f, y=y, packing=packing))
+            trace.append(LayerTrace(x=x, context=ctx, attention_out=a, h=h, ffn_act=z, ffn_out=f, y=y,
+                                    packing=packing))
         return y
 
 
