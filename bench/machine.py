@@ -47,14 +47,16 @@ def machine_info(device: str) -> dict:
 
 
 def code_version() -> str | None:
-    """The git commit of the checkout that runs (with "+changes" when the tree has uncommitted edits), or None
-    outside a git checkout: a result records which code produced it."""
+    """The git commit of the checkout that runs (with "+changes" when tracked files outside bench/results/ have
+    uncommitted edits: results being written do not count), or None outside a git checkout: a result records
+    which code produced it."""
     import subprocess
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"],
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
