@@ -40,6 +40,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
 import torch  # noqa: E402
 
 import minisnip  # noqa: E402
+from bench.bench_encoder import interleaved  # noqa: E402
 from bench.machine import code_version, machine_info  # noqa: E402
 from minisnip.__main__ import METHODS  # noqa: E402
 from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
@@ -141,23 +142,19 @@ def read_records(jsonl: Path) -> list[dict]:
 
 def speedup(dense: torch.nn.Module, pruned: torch.nn.Module, rounds: int = 5) -> tuple[float, float]:
     """Inference speedup of `pruned` over `dense`: one forward of a fixed 32 x 128 batch each, interleaved for
-    `rounds` rounds (both see the same machine load), ratio of the median times (eval, no grad). Returns the
-    ratio of wall times and that of process CPU times (which other processes on a shared CPU disturb less)."""
-    ids = torch.randint(1000, 2000, (32, 128), generator=torch.Generator().manual_seed(0))
-    wall: dict[int, list[float]] = {0: [], 1: []}
-    cpu: dict[int, list[float]] = {0: [], 1: []}
+    `rounds` rounds (bench_encoder.interleaved: both see the same machine load), ratio of the median times (eval,
+    no grad). Returns the ratio of wall times and that of process CPU times (which other processes on a shared CPU
+    disturb less)."""
+    device = next(dense.parameters()).device
+    ids = torch.randint(1000, 2000, (32, 128), generator=torch.Generator().manual_seed(0)).to(device)
     for m in (dense, pruned):
         m.eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
-        dense(ids), pruned(ids)  # warm-up
-        for _ in range(rounds):
-            for j, m in enumerate((dense, pruned)):
-                t0, c0 = time.perf_counter(), time.process_time()
-                m(ids)
-                wall[j].append(time.perf_counter() - t0)
-                cpu[j].append(time.process_time() - c0)
-    return (statistics.median(wall[0]) / statistics.median(wall[1]),
-            statistics.median(cpu[0]) / statistics.median(cpu[1]))
+        samples = interleaved({"dense": lambda: dense(ids), "pruned": lambda: pruned(ids)}, warmup=1, rounds=rounds,
+                              iters=1, sync=sync)
+    wall, cpu = ({k: statistics.median(s[j] for s in v) for k, v in samples.items()} for j in (0, 1))
+    return wall["dense"] / wall["pruned"], cpu["dense"] / cpu["pruned"]
 
 
 class Study:
