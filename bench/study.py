@@ -406,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     i, n = (int(x) for x in args.shard.split("/"))
     done = {tuple(r[k] for k in ("task", "seed", "method", "target")) + (r.get("distill", False),)
             for r in read_records(jsonl)}
-    cells = [c for c in plan(args) if c.key not in done]
-    mine = [c for c in cells if shard_of(c, plan(args), n) == i]
+    full = plan(args)
+    cells = [c for c in full if c.key not in done]
+    mine = [c for c in cells if shard_of(c, full, n) == i]
     study, code = Study(args), code_version()
     if mine:
         speed = measure_throughput(study, mine[0].task)
