@@ -235,15 +235,20 @@ def encoder_flops(enc: BertModel, batch: int, seq: int) -> dict[str, int]:
     return {"linear": linear, "attention": attention, "total": linear + attention}
 
 
-def pruned_copy(ms: BertModel) -> BertModel:
-    """A copy with the first half of the heads and of the FFN neurons removed in every layer."""
-    pruned = copy.deepcopy(ms)
-    heads = {i: l.attention.heads[: l.attention.num_heads // 2] for i, l in enumerate(pruned.layers)
-             if l.attention is not None and l.attention.num_heads > 1}
-    neurons = {i: range(l.ffn.ffn_dim // 2) for i, l in enumerate(pruned.layers) if l.ffn is not None and l.ffn.ffn_dim > 1}
-    prune_heads(pruned, heads)
-    prune_ffn_neurons(pruned, neurons)
-    return pruned.eval()
+def width_cell(dense: BertModel, heads_frac: float, ffn_frac: float) -> BertModel:
+    """A copy with round(frac x width) heads and FFN neurons removed in every layer (one of each stays)."""
+    model = copy.deepcopy(dense)
+    heads, neurons = {}, {}
+    for i, layer in enumerate(model.layers):
+        if layer.attention is not None:
+            n = min(round(heads_frac * layer.attention.num_heads), layer.attention.num_heads - 1)
+            heads[i] = layer.attention.heads[:n]
+        if layer.ffn is not None:
+            n = min(round(ffn_frac * layer.ffn.ffn_dim), layer.ffn.ffn_dim - 1)
+            neurons[i] = range(n)
+    prune_heads(model, heads)
+    prune_ffn_neurons(model, neurons)
+    return model.eval()
 
 
 # --- one device --------------------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def run_device(args: argparse.Namespace, folder: Path, device: str) -> dict:
     if args.pruned:
         del ref, pair
         gc.collect()
-        pruned = pruned_copy(ms)
+        pruned = width_cell(ms, 0.5, 0.5)  # the first half of the heads and FFN neurons of every layer
         dense_f, pruned_f = encoder_flops(ms, args.batch, args.seq), encoder_flops(pruned, args.batch, args.seq)
         extra = {"flops_dense": dense_f, "flops_pruned": pruned_f,
                  "ideal_ratio_linear": dense_f["linear"] / pruned_f["linear"],

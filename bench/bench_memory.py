@@ -35,8 +35,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import minisnip  # noqa: E402
-from bench.bench_encoder import make_inputs  # noqa: E402
-from bench.bench_pruned import width_cell  # noqa: E402
+from bench.bench_encoder import make_inputs, width_cell  # noqa: E402
 from bench.machine import benchmark_parser, loadavg, machine_info, save_result, table_text  # noqa: E402
 from minisnip.model import BertModel  # noqa: E402
 

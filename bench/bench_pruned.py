@@ -35,12 +35,12 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
-from bench.bench_encoder import autocast, encoder_flops, interleaved, make_inputs  # noqa: E402
+from bench.bench_encoder import encoder_flops, interleaved, make_inputs, step, width_cell  # noqa: E402
 from bench.bench_limit import gemm_plan  # noqa: E402
 from bench.machine import (add_timing_args, benchmark_parser, loadavg, resolve_timing_args, save_result,  # noqa: E402
                            start_run, table_text)
 from minisnip.model import BertModel  # noqa: E402
-from minisnip.surgery import prune_ffn_neurons, prune_heads, remove_blocks  # noqa: E402
+from minisnip.surgery import remove_blocks  # noqa: E402
 
 DENSE = "dense"
 
@@ -60,22 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(not 0 <= lv < 1 for lv in args.levels):
         p.error("--levels must lie in [0, 1)")
     return args
-
-
-def width_cell(dense: BertModel, heads_frac: float, ffn_frac: float) -> BertModel:
-    """A copy with round(frac x width) heads and FFN neurons removed in every layer (one of each stays)."""
-    model = copy.deepcopy(dense)
-    heads, neurons = {}, {}
-    for i, layer in enumerate(model.layers):
-        if layer.attention is not None:
-            n = min(round(heads_frac * layer.attention.num_heads), layer.attention.num_heads - 1)
-            heads[i] = layer.attention.heads[:n]
-        if layer.ffn is not None:
-            n = min(round(ffn_frac * layer.ffn.ffn_dim), layer.ffn.ffn_dim - 1)
-            neurons[i] = range(n)
-    prune_heads(model, heads)
-    prune_ffn_neurons(model, neurons)
-    return model.eval()
 
 
 def block_cell(dense: BertModel, attention: int, ffn: int) -> BertModel:
@@ -109,13 +93,6 @@ def cells(dense: BertModel, args: argparse.Namespace) -> dict[str, tuple[dict, B
     return out
 
 
-def forward_fn(model: BertModel, ids: torch.Tensor, mask: torch.Tensor, device: str) -> Callable[[], None]:
-    def run() -> None:
-        with torch.inference_mode(), autocast(device):
-            model(ids, attention_mask=mask)
-    return run
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = args.device
@@ -127,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     fns: dict[str, Callable[[], None]] = {}
     pool: dict = {}  # GEMM buffers shared by every cell's plan
     for name, (_, model) in grid.items():
-        fns[name] = forward_fn(model, ids, mask, device)
+        fns[name] = step(model, "forward", ids, mask, device)
         if args.gemms:
             fns[f"{name} | gemms"] = gemm_plan(model, args.batch, args.seq, device, dtype, pool=pool)
     print(f"[{device}] {len(grid)} models, batch {args.batch} x {args.seq}, threads {torch.get_num_threads()}",
