@@ -68,12 +68,17 @@ VARIANTS: dict[str, tuple] = {
     "snip-prox-lambda1000": (snip_method, {"prior_step": "proximal", "prox_lambda": 1000.0}),
     "snip-blocks": (snip_method, {}),  # the prior and the thresholding on whole blocks (RECIPE below)
     "snip-per-param": (snip_method, {}),  # ranking by norm per parameter (RECIPE below)
+    "snip-last": (snip_method, {}),  # prunes the last epoch's model, not the best one (LAST_EPOCH below)
+    "snip-prox-last": (snip_method, {"prior_step": "proximal"}),
 }
 # variants that change the recipe's choices (PruneConfig), not SNIP's Config
 RECIPE: dict[str, dict] = {
     "snip-blocks": {"kinds": ("attention", "ffn")},
     "snip-per-param": {"per_param": True},
 }
+# variants that prune the model of the last fine-tuning epoch instead of the best one on dev: the prior's λ
+# reaches full strength only after its warm-up, so the best epoch can be one the prior has not shaped yet
+LAST_EPOCH = {"snip-last", "snip-prox-last"}
 SAME_TRAINING = {"snip-per-param": "snip"}  # only the selection differs: the cells share snip's fine-tune
 ALL = {**METHODS, **VARIANTS}
 UNSTRUCTURED_EXTRA = (0.9, 0.95)  # unstructured methods' papers claim their strength there
@@ -165,7 +170,7 @@ class Study:
         self.model_path = Path(args.model) if args.model else minisnip.default_model_path()
         self.tokenizer = minisnip.load_tokenizer(self.model_path)
         self.data: dict[str, TaskData] = {}
-        self.trained: dict[tuple, tuple] = {}  # training key -> (model, hooks, finetuned dev scores, seconds)
+        self.trained: dict[tuple, tuple] = {}  # training key -> (model, hooks, finetuned dev scores, seconds, epoch)
 
     def task_data(self, task: str) -> TaskData:
         if task not in self.data:
@@ -201,17 +206,20 @@ class Study:
             teacher = copy.deepcopy(self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0))[0]) \
                 if cell.distill or module.USES_DISTILLATION else None
             history, hooks = finetune_with(model, self.tokenizer, data, module, module.Config(**overrides),
-                                           self.prune_cfg(cell), train_cfg, teacher=teacher)
-        self.trained[key] = (model, hooks, history.best_metrics, time.perf_counter() - t0)
+                                           self.prune_cfg(cell), train_cfg, teacher=teacher,
+                                           restore_best=False if cell.method in LAST_EPOCH else None)
+            if cell.method in LAST_EPOCH:  # the model is the last epoch's: so is its dense score
+                history.best_metrics, history.best_epoch = history.epochs[-1]["dev"], history.epochs[-1]["epoch"]
+        self.trained[key] = (model, hooks, history.best_metrics, time.perf_counter() - t0, history.best_epoch)
         return self.trained[key]
 
     def run(self, cell: Cell) -> dict:
         data, train_cfg = self.task_data(cell.task), self.train_cfg(cell.seed)
         split, metric = next(iter(data.dev)), data.task.main_metric
-        model, hooks, finetuned, seconds = self.fine_tuned(cell)
+        model, hooks, finetuned, seconds, epoch = self.fine_tuned(cell)
         record = {"task": cell.task, "seed": cell.seed, "method": cell.method, "target": cell.target,
                   "distill": cell.distill, "main_metric": metric, "finetuned": finetuned[split][metric],
-                  "finetune_seconds": seconds}
+                  "finetune_seconds": seconds, "finetune_epoch": epoch}
         if cell.method == "dense":
             record.update(compression=0.0, before_recovery=finetuned[split][metric], score=finetuned[split][metric])
             return record

@@ -56,3 +56,19 @@ def test_recipe_variants_change_the_recipe_and_share_what_they_can(bench_script)
     runner.args = type("A", (), {"recovery_epochs": 1})()
     assert runner.prune_cfg(per_param).per_param and not runner.prune_cfg(snip).per_param
     assert runner.prune_cfg(blocks).kinds == ("attention", "ffn") and runner.prune_cfg(snip).kinds == ("head", "neurons")
+
+
+def test_last_epoch_variant_prunes_the_last_epochs_model(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
+    study = bench_script("study")
+    out = tmp_path / "study"
+    argv = ["--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder), "--tasks", "rte", "--seeds", "1",
+            "--targets", "0.5", "--unstructured-targets", "--methods", "snip", "snip-last", "--max-train", "8",
+            "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--recovery-epochs", "0", "--out", str(out)]
+    assert study.main(argv) == 0
+    records = {r["method"]: r for r in study.read_records(out.with_suffix(".jsonl"))}
+    assert records["snip-last"]["finetune_epoch"] == 2  # the last of 2 epochs, whichever scored best
+    assert records["snip"]["finetune_epoch"] in (1, 2) and records["dense"]["finetune_epoch"] in (1, 2)
+    # the same fine-tune (same seed and terms), only the epoch kept differs: the best one scores at least as well
+    best, last = records["snip"]["finetuned"], records["snip-last"]["finetuned"]
+    assert best == last if records["snip"]["finetune_epoch"] == 2 else best >= last
+    assert study.Cell("rte", 1, "snip-last", 0.5).training != study.Cell("rte", 1, "snip", 0.5).training
