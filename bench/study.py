@@ -48,7 +48,10 @@ from minisnip.config import BertConfig  # noqa: E402
 from minisnip.pruning.compression import (COMPRESSION_DEFINITION, dense_encoder_linear_params,  # noqa: E402
                                           encoder_linear_params)
 from minisnip.pruning.distill import DistillConfig  # noqa: E402
-from minisnip.pruning.recipe import PruneConfig, dev_scores, finetune_with, recover, remove  # noqa: E402
+from minisnip.pruning.recipe import (PruneConfig, calibration_batches, dev_scores, finetune_with,  # noqa: E402
+                                    recover, remove)
+from minisnip.stats import collect_stats  # noqa: E402
+from minisnip.surgery import encoder_of  # noqa: E402
 from minisnip.snip import method as snip_method  # noqa: E402
 from minisnip.train import TrainConfig, fit  # noqa: E402
 
@@ -162,6 +165,31 @@ def speedup(dense: torch.nn.Module, pruned: torch.nn.Module, rounds: int = 5) ->
     return wall["dense"] / wall["pruned"], cpu["dense"] / cpu["pruned"]
 
 
+def activation_spread(model: torch.nn.Module, batches: list[dict]) -> dict[str, list[float]]:
+    """What SNIP's SN is meant to stabilise (Lin et al. 2020, Sec. 3: "the distribution of post-activation
+    values"), per layer over the real tokens of `batches`: the standard deviation of the post-GELU values and of
+    the two branch outputs, and the 99.9% quantile of |post-GELU| (read off a fixed-bin histogram)."""
+    stats = collect_stats(model, batches, quantities=("ffn_act", "attention_out", "ffn_out"))
+    layers = range(len(encoder_of(model).layers))
+    spread = {f"{q}_std": [stats[i, q].std if (i, q) in stats else None for i in layers]
+              for q in ("ffn_act", "attention_out", "ffn_out")}
+    spread["ffn_act_q999"] = [stats[i, "ffn_act"].quantile(0.999) if (i, "ffn_act") in stats else None for i in layers]
+    return spread
+
+
+@dataclass
+class Trained:
+    """One fine-tune, shared by the cells of its training: the model (SN baked in), the method's hooks, the dev
+    scores of the epoch kept, its seconds, and its post-activation spread."""
+
+    model: torch.nn.Module
+    hooks: list
+    scores: dict
+    seconds: float
+    epoch: int | None
+    spread: dict
+
+
 class Study:
     """Runs cells, keeping the shared fine-tunes of one (task, seed) in memory."""
 
@@ -170,7 +198,7 @@ class Study:
         self.model_path = Path(args.model) if args.model else minisnip.default_model_path()
         self.tokenizer = minisnip.load_tokenizer(self.model_path)
         self.data: dict[str, TaskData] = {}
-        self.trained: dict[tuple, tuple] = {}  # training key -> (model, hooks, finetuned dev scores, seconds, epoch)
+        self.trained: dict[tuple, Trained] = {}  # training key -> its fine-tune
 
     def task_data(self, task: str) -> TaskData:
         if task not in self.data:
@@ -187,7 +215,7 @@ class Study:
         return PruneConfig(target=cell.target or None, recovery_epochs=self.args.recovery_epochs,
                            distill=DistillConfig() if cell.distill else None, **RECIPE.get(cell.method, {}))
 
-    def fine_tuned(self, cell: Cell):
+    def fine_tuned(self, cell: Cell) -> Trained:
         """The fine-tuned model for this cell's training (shared), with the method's hooks and dev scores."""
         key = cell.training
         if key in self.trained:
@@ -203,23 +231,29 @@ class Study:
         else:
             module, overrides = ALL[cell.method]
             # the teacher: a copy of the plain fine-tune (distillation freezes its teacher's parameters)
-            teacher = copy.deepcopy(self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0))[0]) \
+            teacher = copy.deepcopy(self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0)).model) \
                 if cell.distill or module.USES_DISTILLATION else None
             history, hooks = finetune_with(model, self.tokenizer, data, module, module.Config(**overrides),
                                            self.prune_cfg(cell), train_cfg, teacher=teacher,
                                            restore_best=False if cell.method in LAST_EPOCH else None)
             if cell.method in LAST_EPOCH:  # the model is the last epoch's: so is its dense score
                 history.best_metrics, history.best_epoch = history.epochs[-1]["dev"], history.epochs[-1]["epoch"]
-        self.trained[key] = (model, hooks, history.best_metrics, time.perf_counter() - t0, history.best_epoch)
+        seconds = time.perf_counter() - t0
+        calib = calibration_batches(data.train, self.tokenizer, PruneConfig().calibration_examples,
+                                    train_cfg.eval_batch_size, cell.seed)
+        self.trained[key] = Trained(model, hooks, history.best_metrics, seconds, history.best_epoch,
+                                    activation_spread(model, calib))
         return self.trained[key]
 
     def run(self, cell: Cell) -> dict:
         data, train_cfg = self.task_data(cell.task), self.train_cfg(cell.seed)
         split, metric = next(iter(data.dev)), data.task.main_metric
-        model, hooks, finetuned, seconds, epoch = self.fine_tuned(cell)
+        trained = self.fine_tuned(cell)
+        model, hooks, finetuned = trained.model, trained.hooks, trained.scores
         record = {"task": cell.task, "seed": cell.seed, "method": cell.method, "target": cell.target,
                   "distill": cell.distill, "main_metric": metric, "finetuned": finetuned[split][metric],
-                  "finetune_seconds": seconds, "finetune_epoch": epoch}
+                  "finetune_seconds": trained.seconds, "finetune_epoch": trained.epoch,
+                  "activation_spread": trained.spread}
         if cell.method == "dense":
             record.update(compression=0.0, before_recovery=finetuned[split][metric], score=finetuned[split][metric])
             return record
@@ -236,8 +270,8 @@ class Study:
                       before_recovery=before, score=after, prune_seconds=time.perf_counter() - t0,
                       removed=outcome.removed, structured=module.STRUCTURED)
         record["linear_weight_ratio"] = dense_encoder_linear_params(dense_config) / max(1, encoder_linear_params(pruned))
-        record["speedup"], record["speedup_cpu"] = speedup(self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0))[0],
-                                                           pruned)
+        dense = self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0)).model
+        record["speedup"], record["speedup_cpu"] = speedup(dense, pruned)
         if module.SCHEDULED:
             del self.trained[cell.training]  # used once
         return record

@@ -72,3 +72,7 @@ def test_last_epoch_variant_prunes_the_last_epochs_model(tmp_path, glue_fixtures
     best, last = records["snip"]["finetuned"], records["snip-last"]["finetuned"]
     assert best == last if records["snip"]["finetune_epoch"] == 2 else best >= last
     assert study.Cell("rte", 1, "snip-last", 0.5).training != study.Cell("rte", 1, "snip", 0.5).training
+    spread = records["snip"]["activation_spread"]  # of the fine-tuned model, per layer
+    layers = json.loads((tiny_folder / "config.json").read_text())["num_hidden_layers"]
+    assert set(spread) == {"ffn_act_std", "attention_out_std", "ffn_out_std", "ffn_act_q999"}
+    assert all(len(v) == layers and all(x > 0 for x in v) for v in spread.values())
