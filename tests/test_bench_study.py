@@ -76,3 +76,18 @@ def test_last_epoch_variant_prunes_the_last_epochs_model(tmp_path, glue_fixtures
     layers = json.loads((tiny_folder / "config.json").read_text())["num_hidden_layers"]
     assert set(spread) == {"ffn_act_std", "attention_out_std", "ffn_out_std", "ffn_act_q999"}
     assert all(len(v) == layers and all(x > 0 for x in v) for v in spread.values())
+
+
+def test_plan_runs_each_task_and_seed_together(bench_script):
+    """The runner keeps one task and seed's fine-tunes in memory: the plan must not leave a task and come back."""
+    study = bench_script("study")
+    args = type("A", (), {"seeds": [1, 2], "tasks": ["sst2", "mrpc"], "targets": [0.3, 0.5, 0.7],
+                          "unstructured_targets": [0.9], "methods": ["snip", "magnitude-unstructured"],
+                          "distill": False})()
+    cells = study.plan(args)
+    groups = [(c.seed, c.task) for c in cells]
+    runs = [g for i, g in enumerate(groups) if i == 0 or groups[i - 1] != g]
+    assert runs == [(1, "sst2"), (1, "mrpc"), (2, "sst2"), (2, "mrpc")]  # each visited once, in the given order
+    first = [c for c in cells if (c.seed, c.task) == (1, "sst2")]
+    assert first[0].method == "dense" and [c.target for c in first[1:3]] == [0.5, 0.5]  # dense, then 50% first
+    assert [c.target for c in first[-1:]] == [0.9]  # the extra targets last
