@@ -1,0 +1,178 @@
+"""Two measurements behind the study's reading of SNIP's parts (docs/snip.md), at the study's setting.
+
+* `--probe sn-binding`: does spectral normalization with the default bound (c = σ(W) at load time) act during
+  SNIP's fine-tuning? After every optimiser step, the scale min(1, c / σ̂) of every normalised matrix (Q, K, V,
+  O, W_1, W_2 of each layer, σ̂ from the stored power-iteration vectors): its minimum over matrices and steps,
+  and how many matrices are capped (scale < 1) at each step.
+* `--probe block-bias`: removing every head of a layer removes its attention block with its output bias b_O
+  (the layer then computes LN(x), `minisnip.surgery`). On a plain fine-tune: the dev score with each layer's
+  attention block removed against the same heads zeroed with b_O kept, and the same for the 50% selection of
+  thresholding the function norms (snip-no-prior), removed against zeroed with every bias kept.
+
+    python bench/snip_probes.py --probe sn-binding --glue-dir ../shared/data/glue --task sst2
+    python bench/snip_probes.py --probe block-bias --glue-dir ../shared/data/glue --task sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+from torch.nn.utils import parametrize  # noqa: E402
+
+import minisnip  # noqa: E402
+from bench.machine import code_version, loadavg, machine_info, result_paths, table_text, write_result  # noqa: E402
+from minisnip.finetune import load_task_data, new_classifier  # noqa: E402
+from minisnip.pruning.branches import list_branches, parse_name  # noqa: E402
+from minisnip.pruning.recipe import PruneConfig, calibration_batches, dev_scores, finetune_with  # noqa: E402
+from minisnip.pruning.removal import apply_pruning  # noqa: E402
+from minisnip.pruning.select import select_for_target  # noqa: E402
+from minisnip.snip import method as snip_method  # noqa: E402
+from minisnip.snip.norms import function_norms  # noqa: E402
+from minisnip.snip.spectral import SpectralNorm  # noqa: E402
+from minisnip.surgery import encoder_of  # noqa: E402
+from minisnip.train import StepContext, TrainConfig, TrainHook, fit  # noqa: E402
+
+
+class CapWatch(TrainHook):
+    """After each step: min over the normalised matrices of min(1, c / σ̂), and how many have it below 1."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float, int]] = []
+        self.matrices = 0
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        scales = []
+        for module in ctx.model.modules():
+            if not parametrize.is_parametrized(module, "weight"):
+                continue
+            for p in module.parametrizations.weight:
+                if isinstance(p, SpectralNorm):
+                    mats = p._blocks(module.parametrizations.weight.original)
+                    sigma = torch.einsum("br,brc,bc->b", p.u, mats, p.v)
+                    scales.append((p.bound / sigma.clamp_min(p.eps)).clamp(max=1.0))
+        s = torch.cat(scales)
+        self.matrices = len(s)
+        self.steps.append((ctx.step, float(s.min()), int((s < 1).sum())))
+
+
+def sn_binding(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
+    model = new_classifier(args.model_path, data.task, args.seed)
+    watch = CapWatch()
+    history, _ = finetune_with(model, tokenizer, data, snip_method, snip_method.Config(), PruneConfig(target=0.5),
+                               train_cfg, extra_hooks=[watch])
+    capped = [n for _, _, n in watch.steps]
+    result = {"min_scale": min(s for _, s, _ in watch.steps), "steps": len(watch.steps),
+              "steps_with_a_capped_matrix": sum(1 for n in capped if n), "max_capped_matrices": max(capped),
+              "capped_matrices_at_end": capped[-1], "matrices": watch.matrices, "per_step": watch.steps,
+              "dev_per_epoch": [e["dev"] for e in history.epochs], "best_epoch": history.best_epoch}
+    lines = [f"| min over steps and matrices of min(1, c/σ̂) | {result['min_scale']:.4f} |",
+             f"| steps with at least one capped matrix | {result['steps_with_a_capped_matrix']} of {result['steps']} |",
+             f"| most matrices capped at one step | {result['max_capped_matrices']} of {result['matrices']} |",
+             f"| capped at the last step | {result['capped_matrices_at_end']} |"]
+    return result, ["| SN (bound init) during SNIP's fine-tuning | |", "|---|---:|", *lines]
+
+
+def _zeroed(model, names: list[str], group: int):
+    """A copy with the output weights of the named branches zeroed and every bias kept."""
+    m = copy.deepcopy(model)
+    enc = encoder_of(m)
+    with torch.no_grad():
+        for name in names:
+            layer, kind, index = parse_name(name)
+            block = enc.layers[layer]
+            if kind == "head":
+                d = block.attention.head_dim
+                block.attention.out.weight[:, index * d:(index + 1) * d] = 0
+            elif kind == "attention":
+                block.attention.out.weight.zero_()
+            elif kind == "neurons":
+                block.ffn.down.weight[:, index * group:(index + 1) * group] = 0
+            else:
+                block.ffn.down.weight.zero_()
+    return m
+
+
+def _removed(model, names: list[str], group: int):
+    m = copy.deepcopy(model)
+    apply_pruning(m, names, neuron_group_size=group)
+    return m
+
+
+def block_bias(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
+    model = new_classifier(args.model_path, data.task, args.seed)
+    fit(model, tokenizer, data.task, data.train, data.dev, train_cfg)
+    split, metric = next(iter(data.dev)), data.task.main_metric
+    score = lambda m: dev_scores(m, tokenizer, data)[split][metric]  # noqa: E731
+    group = 2 * encoder_of(model).layers[0].attention.head_dim
+    result: dict = {"dense": score(model), "layers": []}
+    for i, layer in enumerate(encoder_of(model).layers):
+        name = f"layer{i}.attention"
+        result["layers"].append({"layer": i, "b_O_norm": float(layer.attention.out.bias.detach().norm()),
+                                 "removed": score(_removed(model, [name], group)),
+                                 "zeroed_bias_kept": score(_zeroed(model, [name], group))})
+    calib = calibration_batches(data.train, tokenizer, PruneConfig().calibration_examples, train_cfg.eval_batch_size,
+                                args.seed)
+    norms = function_norms(model, calib, kinds=("head", "neurons"), neuron_group_size=group)
+    names = select_for_target(list_branches(model, kinds=("head", "neurons"), neuron_group_size=group), norms, 0.5,
+                              model=model)
+    result.update(selection_50=names, removed_50=score(_removed(model, names, group)),
+                  zeroed_bias_kept_50=score(_zeroed(model, names, group)))
+    lines = [f"Dense {100 * result['dense']:.2f}.", "",
+             "| removed | ‖b_O‖ | block removed (b_O goes) | heads zeroed, b_O kept |", "|---|---:|---:|---:|"]
+    lines += [f"| layer{r['layer']}.attention | {r['b_O_norm']:.2f} | {100 * r['removed']:.2f} | "
+              f"{100 * r['zeroed_bias_kept']:.2f} |" for r in result["layers"]]
+    lines.append(f"| 50% by function norm (snip-no-prior's selection) | | {100 * result['removed_50']:.2f} | "
+                 f"{100 * result['zeroed_bias_kept_50']:.2f} |")
+    return result, lines
+
+
+PROBES = {"sn-binding": sn_binding, "block-bias": block_bias}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--probe", choices=sorted(PROBES), required=True)
+    p.add_argument("--glue-dir", required=True)
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--model", default=None, help="a BERT folder (default: minisnip's default model)")
+    p.add_argument("--max-train", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(HERE / "results"), help="a folder, or the .json file to write")
+    args = p.parse_args(argv)
+    if args.max_train < 1 or args.epochs < 1:
+        p.error(f"--max-train and --epochs must be ≥ 1, got {args.max_train}, {args.epochs}")
+    torch.set_num_threads(args.threads)
+    args.model_path = Path(args.model) if args.model else minisnip.default_model_path()
+    tokenizer = minisnip.load_tokenizer(args.model_path)
+    data = load_task_data(args.task, tokenizer, args.glue_dir, args.max_train, seed=0, max_length=args.max_length)
+    train_cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                            seed=args.seed, progress=False)
+    machine, t0 = machine_info("cpu"), time.perf_counter()
+    result, lines = PROBES[args.probe](args, tokenizer, data, train_cfg)
+    setting = (f"{args.probe}: {args.model_path.name}, {args.task}, {args.max_train} train examples, {args.epochs} "
+               f"epochs, lr {args.lr:g}, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}.")
+    machine["loadavg_1m_end"] = loadavg()
+    result.update(probe=args.probe, task=args.task, setting=setting, code=code_version(), machine=machine,
+                  wall_seconds=time.perf_counter() - t0)
+    stem = f"snip_probe_{args.probe.replace('-', '_')}_{args.task}"
+    write_result(result, *result_paths(args.out, stem), table_text([setting, "", *lines], machine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""bench/snip_probes.py on the tiny GLUE fixtures: both probes run and write sane records, and the block-bias
+probe's zeroing is the removal plus the biases (bookkeeping and equivalence only: no quality thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def _argv(probe, glue_fixtures_dir, tiny_folder, out):
+    return ["--probe", probe, "--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder), "--task", "rte",
+            "--max-train", "8", "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--out", str(out)]
+
+
+def test_sn_binding_probe_watches_every_step(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
+    probes = bench_script("snip_probes")
+    assert probes.main(_argv("sn-binding", glue_fixtures_dir, tiny_folder, tmp_path)) == 0
+    r = json.loads((tmp_path / "snip_probe_sn_binding_rte.json").read_text())
+    assert r["steps"] == len(r["per_step"]) >= 2  # one record per optimiser step, at least one per epoch
+    layers = json.loads((tiny_folder / "config.json").read_text())["num_hidden_layers"]
+    assert r["matrices"] == 6 * layers  # Q, K, V, O, W_1, W_2 of every layer
+    assert 0 < r["min_scale"] <= 1 and 0 <= r["max_capped_matrices"] <= r["matrices"]
+    assert (tmp_path / "snip_probe_sn_binding_rte.md").read_text().count("|") > 8
+
+
+def test_block_bias_probe_zeroing_is_removal_plus_the_bias(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
+    probes = bench_script("snip_probes")
+    assert probes.main(_argv("block-bias", glue_fixtures_dir, tiny_folder, tmp_path)) == 0
+    r = json.loads((tmp_path / "snip_probe_block_bias_rte.json").read_text())
+    layers = json.loads((tiny_folder / "config.json").read_text())["num_hidden_layers"]
+    assert [x["layer"] for x in r["layers"]] == list(range(layers)) and r["selection_50"]
+    assert all(0 <= x["removed"] <= 1 and 0 <= x["zeroed_bias_kept"] <= 1 for x in r["layers"])
+    # without the bias, zeroing a block's heads and removing the block are the same network
+    from minisnip.finetune import new_classifier
+    from minisnip.glue import TASKS
+    from minisnip.surgery import encoder_of
+    model = new_classifier(tiny_folder, TASKS["rte"], 0).eval()
+    enc = encoder_of(model)
+    ids = torch.randint(1000, 2000, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        enc.layers[0].attention.out.bias.zero_()
+        b = enc.layers[1].attention.out.bias  # a fresh tiny model's biases are 0; not a constant (LN removes those)
+        b.copy_(torch.linspace(-1, 1, b.numel()))
+        group = 2 * enc.layers[0].attention.head_dim
+        names = ["layer0.attention", "layer1.head1", "layer1.neurons0"]
+        a = probes._zeroed(model, names, group)(ids)
+        b = probes._removed(model, names, group)(ids)
+        bias_kept = probes._zeroed(model, ["layer1.attention"], group)(ids)
+        bias_gone = probes._removed(model, ["layer1.attention"], group)(ids)
+    a, b = (x.logits if hasattr(x, "logits") else x for x in (a, b))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    bias_kept, bias_gone = (x.logits if hasattr(x, "logits") else x for x in (bias_kept, bias_gone))
+    assert not torch.allclose(bias_kept, bias_gone)  # layer 1's b_O is not zero: removing the block drops it
