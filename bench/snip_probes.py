@@ -9,8 +9,12 @@
   attention block removed against the same heads zeroed with b_O kept, and the same for the 50% selection of
   thresholding the function norms (snip-no-prior), removed against zeroed with every bias kept.
 
+* `--probe prox-zeros`: the proximal prior (`snip-prox`, λ = prox_lambda): after every epoch, the dev score and
+  how many head and neuron-group output blocks are exactly zero, and which epoch the recipe keeps.
+
     python bench/snip_probes.py --probe sn-binding --glue-dir ../shared/data/glue --task sst2
     python bench/snip_probes.py --probe block-bias --glue-dir ../shared/data/glue --task sst2
+    python bench/snip_probes.py --probe prox-zeros --glue-dir ../shared/data/glue --task sst2
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from minisnip.pruning.removal import apply_pruning  # noqa: E402
 from minisnip.pruning.select import select_for_target  # noqa: E402
 from minisnip.snip import method as snip_method  # noqa: E402
 from minisnip.snip.norms import function_norms  # noqa: E402
+from minisnip.snip.prior import output_weight_groups  # noqa: E402
 from minisnip.snip.spectral import SpectralNorm  # noqa: E402
 from minisnip.surgery import encoder_of  # noqa: E402
 from minisnip.train import StepContext, TrainConfig, TrainHook, fit  # noqa: E402
@@ -136,7 +141,37 @@ def block_bias(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
     return result, lines
 
 
-PROBES = {"sn-binding": sn_binding, "block-bias": block_bias}
+class ZeroCount(TrainHook):
+    """At the end of every epoch: how many output-weight groups (heads' W_O blocks, neuron groups' W_2 columns) are
+    exactly zero, and how many there are (an `epoch_log`, so it lands in the history's epoch records)."""
+
+    def __init__(self, model, group: int) -> None:
+        self.model, self.group = model, group
+
+    @torch.no_grad()
+    def epoch_log(self) -> dict:
+        groups = output_weight_groups(self.model, ("head", "neurons"), self.group)
+        zero = sum(int((g.pow(2).sum(dim=(0, 2)) == 0).sum()) for g in groups)
+        return {"exact_zero_groups": zero, "groups": sum(g.shape[1] for g in groups)}
+
+
+def prox_zeros(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
+    model = new_classifier(args.model_path, data.task, args.seed)
+    group = 2 * encoder_of(model).layers[0].attention.head_dim
+    cfg = snip_method.Config(prior_step="proximal", prox_lambda=args.prox_lambda)
+    history, _ = finetune_with(model, tokenizer, data, snip_method, cfg, PruneConfig(target=0.5), train_cfg,
+                               extra_hooks=[ZeroCount(model, group)])
+    split, metric = next(iter(data.dev)), data.task.main_metric
+    epochs = [{"epoch": e["epoch"], "dev": e["dev"][split][metric], "exact_zero_groups": e["exact_zero_groups"],
+               "groups": e["groups"]} for e in history.epochs]
+    result = {"prox_lambda": args.prox_lambda, "epochs": epochs, "kept_epoch": history.best_epoch}
+    lines = [f"Proximal prior, λ = {args.prox_lambda:g}; the recipe keeps epoch {history.best_epoch}.", "",
+             "| epoch | dev | output-weight groups exactly zero |", "|---:|---:|---:|"]
+    lines += [f"| {e['epoch']} | {100 * e['dev']:.2f} | {e['exact_zero_groups']} of {e['groups']} |" for e in epochs]
+    return result, lines
+
+
+PROBES = {"sn-binding": sn_binding, "block-bias": block_bias, "prox-zeros": prox_zeros}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prox-lambda", type=float, default=snip_method.Config().prox_lambda, help="prox-zeros: λ")
     p.add_argument("--out", default=str(HERE / "results"), help="a folder, or the .json file to write")
     args = p.parse_args(argv)
     if args.max_train < 1 or args.epochs < 1:

@@ -52,3 +52,15 @@ def test_block_bias_probe_zeroing_is_removal_plus_the_bias(tmp_path, glue_fixtur
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     bias_kept, bias_gone = (x.logits if hasattr(x, "logits") else x for x in (bias_kept, bias_gone))
     assert not torch.allclose(bias_kept, bias_gone)  # layer 1's b_O is not zero: removing the block drops it
+
+
+def test_prox_zeros_probe_counts_groups_every_epoch(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
+    probes = bench_script("snip_probes")
+    # a λ so large that the first step zeroes every group the task does not hold up
+    argv = [*_argv("prox-zeros", glue_fixtures_dir, tiny_folder, tmp_path), "--prox-lambda", "1e6"]
+    assert probes.main(argv) == 0
+    r = json.loads((tmp_path / "snip_probe_prox_zeros_rte.json").read_text())
+    layers = json.loads((tiny_folder / "config.json").read_text())["num_hidden_layers"]
+    assert [e["epoch"] for e in r["epochs"]] == [1, 2] and r["kept_epoch"] in (1, 2)
+    # the tiny model: 4 heads and 64 / 16 = 4 neuron groups per layer
+    assert all(e["groups"] == 8 * layers and e["exact_zero_groups"] == e["groups"] for e in r["epochs"])
