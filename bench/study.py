@@ -316,12 +316,17 @@ def summarize(records: list[dict]) -> dict:
                     return statistics.fmean(vals) if vals else None
                 scores = [r["score"] for r in rs]
                 targets[target] = {"mean": statistics.fmean(scores), "n": len(scores),
-                                   "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                                   "std": statistics.stdev(scores) if len(scores) > 1 else None,  # one seed: none
                                    "before_recovery": stat("before_recovery"), "compression": stat("compression"),
                                    "speedup": stat("speedup"), "speedup_cpu": stat("speedup_cpu"),
                                    "linear_weight_ratio": stat("linear_weight_ratio"),
                                    "metric": rs[0]["main_metric"]}
     return out
+
+
+def _mean_std(v: dict) -> str:
+    """'83.7 ± 0.4' over seeds, or '83.7' for a single seed (no spread to show)."""
+    return f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["std"] is not None else "")
 
 
 def table(summary: dict, targets: list[float]) -> str:
@@ -334,8 +339,8 @@ def table(summary: dict, targets: list[float]) -> str:
         cols = [t for t in targets if any(str(t) in v for r, v in rows.items() if r != "dense")]
         best = {t: max((v[str(t)]["mean"] for r, v in rows.items() if str(t) in v and r != "dense"), default=None)
                 for t in cols}
-        out += [f"**{task}** ({metric} x100; dense {100 * dense['mean']:.1f} ± {100 * dense['std']:.1f}, "
-                f"n={dense['n']})" if dense else f"**{task}** ({metric} x100)", ""]
+        out += [f"**{task}** ({metric} x100; dense {_mean_std(dense)}, n={dense['n']})" if dense
+                else f"**{task}** ({metric} x100)", ""]
         if not cols:
             out += ["(no pruned cells yet)", ""]
             continue
@@ -347,7 +352,7 @@ def table(summary: dict, targets: list[float]) -> str:
                 if v is None:
                     cells.append("–")
                     continue
-                text = f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+                text = _mean_std(v)
                 text = f"**{text}**" if v["mean"] == best[t] else text
                 extra = f" [{100 * v['before_recovery']:.1f}]" if v["before_recovery"] is not None else ""
                 extra += f" {{{v['speedup']:.2f}x}}" if v.get("speedup") is not None else ""
@@ -358,7 +363,8 @@ def table(summary: dict, targets: list[float]) -> str:
 
 
 def figures(summary: dict, out: Path) -> list[Path]:
-    """One PNG per task: score vs compression, a line per method with std error bars, dense as a band."""
+    """One PNG per task: score vs compression, a line per method of minisnip's METHODS (SNIP's variants are
+    ablations, in the table only) with std error bars over seeds, dense as a band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -367,12 +373,13 @@ def figures(summary: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
         dense = rows.get("dense", {}).get("0.0")
         if dense:
-            ax.axhspan(100 * (dense["mean"] - dense["std"]), 100 * (dense["mean"] + dense["std"]), color="0.85",
+            spread = dense["std"] or 0.0
+            ax.axhspan(100 * (dense["mean"] - spread), 100 * (dense["mean"] + spread), color="0.85",
                        label=f"dense {100 * dense['mean']:.1f}")
-        for row in sorted(r for r in rows if r != "dense"):
+        for row in sorted(r for r in rows if r.split(" ")[0] in METHODS):
             pts = sorted((float(t), v) for t, v in rows[row].items())
             ax.errorbar([100 * t for t, _ in pts], [100 * v["mean"] for _, v in pts],
-                        yerr=[100 * v["std"] for _, v in pts], marker="o", capsize=3, label=row)
+                        yerr=[100 * (v["std"] or 0.0) for _, v in pts], marker="o", capsize=3, label=row)
         metric = (dense or next(iter(next(iter(rows.values())).values())))["metric"]
         ax.set(title=f"{task}: dev {metric} after pruning and recovery", xlabel="target compression (%)",
                ylabel=f"{metric} (x100)")
@@ -395,7 +402,7 @@ def write_summary(args, jsonl: Path) -> str:
          "records": len(records), "summary": summary}, indent=2) + "\n")
     md = table(summary, targets)
     args.out.with_suffix(".md").write_text(
-        "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n), [mean before recovery], "
+        "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), [mean before recovery], "
         "{measured inference speedup over dense: structured results are smaller matrices, unstructured ones the "
         "same dense matrices with zeros}; best mean per column in bold. Columns: target "
         f"compression ({COMPRESSION_DEFINITION}; unstructured methods: share of the weights set to zero).\n"
