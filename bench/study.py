@@ -402,9 +402,9 @@ def write_summary(args, jsonl: Path) -> str:
          "records": len(records), "summary": summary}, indent=2) + "\n")
     md = table(summary, targets)
     args.out.with_suffix(".md").write_text(
-        "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), [mean before recovery], "
-        "{measured inference speedup over dense: structured results are smaller matrices, unstructured ones the "
-        "same dense matrices with zeros}; best mean per column in bold. Columns: target "
+        "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
+        "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "
+        "unstructured ones the same dense matrices with zeros}; best mean per column in bold. Columns: target "
         f"compression ({COMPRESSION_DEFINITION}; unstructured methods: share of the weights set to zero).\n"
         f"Settings: {settings}\n\n{md}\n")
     if records:
