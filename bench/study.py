@@ -362,6 +362,39 @@ def table(summary: dict, targets: list[float]) -> str:
     return "\n".join(out)
 
 
+def across_tasks(records: list[dict], summary: dict, target: float) -> str:
+    """Markdown: one row per method of minisnip's METHODS at `target` (SNIP's variants are in the per-task tables),
+    one column per task (as in `table`), and the share of the dense
+    score it keeps: score / dense of the same task and seed, averaged over seeds, then over the tasks (only for
+    a method that has cells on every task)."""
+    tasks = [t for t in summary if any(str(target) in v for r, v in summary[t].items() if r != "dense")]
+    if not tasks:
+        return ""
+    dense = {(r["task"], r["seed"]): r["score"] for r in records if r["method"] == "dense"}
+    share: dict = {}
+    for r in records:
+        d = dense.get((r["task"], r["seed"]))
+        if r["target"] == target and r["method"] != "dense" and d:
+            row = r["method"] + (" +distill" if r.get("distill") else "")
+            share.setdefault(row, {}).setdefault(r["task"], []).append(r["score"] / d)
+    rows = sorted({r for t in tasks for r, v in summary[t].items()
+                   if r.split(" ")[0] in METHODS and str(target) in v})
+    out = [f"**{target:.0%} on every task** (x100, [before recovery]; share of dense: score over the dense score of "
+           "the same task and seed, averaged over seeds, then tasks)", "",
+           "| method | " + " | ".join(tasks) + " | share of dense |", "|---|" + "---|" * (len(tasks) + 1)]
+    for row in rows:
+        cells = []
+        for t in tasks:
+            v = summary[t].get(row, {}).get(str(target))
+            cells.append("–" if v is None else f"{_mean_std(v)} (n={v['n']})"
+                         + (f" [{100 * v['before_recovery']:.1f}]" if v["before_recovery"] is not None else ""))
+        per_task = share.get(row, {})
+        kept = (f"{100 * statistics.fmean(statistics.fmean(per_task[t]) for t in tasks):.1f}%"
+                if all(t in per_task for t in tasks) else "–")
+        out.append(f"| {row} | " + " | ".join(cells) + f" | {kept} |")
+    return "\n".join(out) + "\n"
+
+
 def figures(summary: dict, out: Path) -> list[Path]:
     """One PNG per task: score vs compression, a line per method of minisnip's METHODS (SNIP's variants are
     ablations, in the table only) with std error bars over seeds, dense as a band."""
@@ -401,6 +434,8 @@ def write_summary(args, jsonl: Path) -> str:
         {"settings": settings, "machine": machine_info(args.device), "compression_definition": COMPRESSION_DEFINITION,
          "records": len(records), "summary": summary}, indent=2) + "\n")
     md = table(summary, targets)
+    if 0.5 in targets:
+        md += "\n" + across_tasks(records, summary, 0.5)
     args.out.with_suffix(".md").write_text(
         "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
         "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "

@@ -37,6 +37,7 @@ def test_study_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_fold
     assert summary["rte"]["magnitude-unstructured"]["0.9"]["n"] == 1
     md = out.with_suffix(".md").read_text()
     assert "| snip |" in md and "**" in md and (tmp_path / "study_rte.png").stat().st_size > 1000
+    assert "**50% on every task**" in md  # the cross-task table with the share of dense kept
     body = md.split("\n\n", 1)[1]  # below the header line (which explains the notation)
     assert " ± " not in body and summary["rte"]["snip"]["0.5"]["std"] is None  # one seed: no spread to show
 
