@@ -171,7 +171,7 @@ def speedup(dense: torch.nn.Module, pruned: torch.nn.Module, rounds: int = 5) ->
 def activation_spread(model: torch.nn.Module, batches: list[dict]) -> dict[str, list[float]]:
     """What SNIP's SN is meant to stabilise (Lin et al. 2020, Sec. 3: "the distribution of post-activation
     values"), per layer over the real tokens of `batches`: the standard deviation of the post-GELU values and of
-    the two branch outputs, and the 99.9% quantile of |post-GELU| (read off a fixed-bin histogram)."""
+    the two branch outputs, and the 99.9% quantile of the post-GELU values (read off a fixed-bin histogram)."""
     stats = collect_stats(model, batches, quantities=("ffn_act", "attention_out", "ffn_out"))
     layers = range(len(encoder_of(model).layers))
     spread = {f"{q}_std": [stats[i, q].std if (i, q) in stats else None for i in layers]
@@ -364,9 +364,8 @@ def table(summary: dict, targets: list[float]) -> str:
 
 def across_tasks(records: list[dict], summary: dict, target: float) -> str:
     """Markdown: one row per method of minisnip's METHODS at `target` (SNIP's variants are in the per-task tables),
-    one column per task (as in `table`), and the share of the dense
-    score it keeps: score / dense of the same task and seed, averaged over seeds, then over the tasks (only for
-    a method that has cells on every task)."""
+    one column per task (as in `table`), and the share of the dense score it keeps: score / dense of the same
+    task and seed, averaged over seeds, then over the tasks (only for a method that has cells on every task)."""
     tasks = [t for t in summary if any(str(target) in v for r, v in summary[t].items() if r != "dense")]
     if not tasks:
         return ""
