@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                             seed=args.seed, progress=False)
     machine, t0 = machine_info("cpu"), time.perf_counter()
     result, lines = PROBES[args.probe](args, tokenizer, data, train_cfg)
-    setting = (f"{args.probe}: {args.model_path.name}, {args.task}, {args.max_train} train examples, {args.epochs} "
-               f"epochs, lr {args.lr:g}, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}.")
+    model = args.model or "the default model (all-MiniLM-L6-v2)"
+    setting = (f"{args.probe}: {model}, {args.task}, {args.max_train} train examples, {args.epochs} epochs, "
+               f"lr {args.lr:g}, batch {args.batch_size}, max length {args.max_length}, seed {args.seed}.")
     machine["loadavg_1m_end"] = loadavg()
     result.update(probe=args.probe, task=args.task, setting=setting, code=code_version(), machine=machine,
                   wall_seconds=time.perf_counter() - t0)
