@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize  # noqa: E402
 import minisnip  # noqa: E402
 from bench.machine import code_version, loadavg, machine_info, result_paths, table_text, write_result  # noqa: E402
 from minisnip.finetune import load_task_data, new_classifier  # noqa: E402
-from minisnip.pruning.branches import list_branches, parse_name  # noqa: E402
+from minisnip.pruning.branches import default_group_size, list_branches, parse_name  # noqa: E402
 from minisnip.pruning.recipe import PruneConfig, calibration_batches, dev_scores, finetune_with  # noqa: E402
 from minisnip.pruning.removal import apply_pruning  # noqa: E402
 from minisnip.pruning.select import select_for_target  # noqa: E402
@@ -61,9 +61,8 @@ class CapWatch(TrainHook):
             if not parametrize.is_parametrized(module, "weight"):
                 continue
             for p in module.parametrizations.weight:
-                if isinstance(p, SpectralNorm):
-                    mats = p._blocks(module.parametrizations.weight.original)
-                    sigma = torch.einsum("br,brc,bc->b", p.u, mats, p.v)
+                if isinstance(p, SpectralNorm):  # the scale SN's forward applies: min(1, c / σ̂), σ̂ floored
+                    sigma = p.sigma(module.parametrizations.weight.original)
                     scales.append((p.bound / sigma.clamp_min(p.eps)).clamp(max=1.0))
         s = torch.cat(scales)
         self.matrices = len(s)
@@ -118,7 +117,7 @@ def block_bias(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
     fit(model, tokenizer, data.task, data.train, data.dev, train_cfg)
     split, metric = next(iter(data.dev)), data.task.main_metric
     score = lambda m: dev_scores(m, tokenizer, data)[split][metric]  # noqa: E731
-    group = 2 * encoder_of(model).layers[0].attention.head_dim
+    group = default_group_size(model)
     result: dict = {"dense": score(model), "layers": []}
     for i, layer in enumerate(encoder_of(model).layers):
         name = f"layer{i}.attention"
@@ -157,7 +156,7 @@ class ZeroCount(TrainHook):
 
 def prox_zeros(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
     model = new_classifier(args.model_path, data.task, args.seed)
-    group = 2 * encoder_of(model).layers[0].attention.head_dim
+    group = default_group_size(model)
     cfg = snip_method.Config(prior_step="proximal", prox_lambda=args.prox_lambda)
     history, _ = finetune_with(model, tokenizer, data, snip_method, cfg, PruneConfig(target=0.5), train_cfg,
                                extra_hooks=[ZeroCount(model, group)])

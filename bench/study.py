@@ -329,6 +329,11 @@ def _mean_std(v: dict) -> str:
     return f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["std"] is not None else "")
 
 
+def _before(v: dict) -> str:
+    """' [80.9]': the mean score before recovery, or '' where there is none."""
+    return f" [{100 * v['before_recovery']:.1f}]" if v["before_recovery"] is not None else ""
+
+
 def table(summary: dict, targets: list[float]) -> str:
     """Markdown, one block per task: rows = methods, columns = target compressions; mean ± std (n) [before
     recovery] {speedup}; the best mean per column in bold."""
@@ -354,9 +359,8 @@ def table(summary: dict, targets: list[float]) -> str:
                     continue
                 text = _mean_std(v)
                 text = f"**{text}**" if v["mean"] == best[t] else text
-                extra = f" [{100 * v['before_recovery']:.1f}]" if v["before_recovery"] is not None else ""
-                extra += f" {{{v['speedup']:.2f}x}}" if v.get("speedup") is not None else ""
-                cells.append(f"{text} (n={v['n']}){extra}")
+                extra = f" {{{v['speedup']:.2f}x}}" if v.get("speedup") is not None else ""
+                cells.append(f"{text} (n={v['n']}){_before(v)}{extra}")
             out.append(f"| {row} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -385,8 +389,7 @@ def across_tasks(records: list[dict], summary: dict, target: float) -> str:
         cells = []
         for t in tasks:
             v = summary[t].get(row, {}).get(str(target))
-            cells.append("–" if v is None else f"{_mean_std(v)} (n={v['n']})"
-                         + (f" [{100 * v['before_recovery']:.1f}]" if v["before_recovery"] is not None else ""))
+            cells.append("–" if v is None else f"{_mean_std(v)} (n={v['n']}){_before(v)}")
         per_task = share.get(row, {})
         kept = (f"{100 * statistics.fmean(statistics.fmean(per_task[t]) for t in tasks):.1f}%"
                 if all(t in per_task for t in tasks) else "–")
