@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu (float32) or cuda (bf16 autocast in both, as fit's amp='auto')")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="autocast in both (fit's TrainConfig.amp): auto = bf16 on cuda, off on cpu; off = float32")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: number of CPUs this process may use)")
     p.add_argument("--check-steps", type=int, default=None,
@@ -121,7 +123,7 @@ def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm, seed=seed, device=args.device,
-                       amp="auto" if args.device == "cuda" else "off", progress=False)
+                       amp=args.amp, progress=False)
 
 
 # --- the two models ----------------------------------------------------------------------------------------
@@ -480,7 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
     default = minisnip.default_model_path() if args.model is None else None
     settings.update(model=str(folder), model_name="all-MiniLM-L6-v2" if default == folder else folder.name,
                     glue_dir=str(args.glue_dir), device=args.device,
-                    dtype="bf16 autocast" if args.device == "cuda" else "float32",
+                    dtype=("float32" if args.amp == "off" or (args.amp == "auto" and args.device != "cuda")
+                           else f"{'bf16' if args.amp == 'auto' else args.amp} autocast"),
                     eval_batch_size=TrainConfig().eval_batch_size)
     machine = machine_info(args.device)
     machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, loadavg()

@@ -27,9 +27,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import socket
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +56,7 @@ from minisnip.pruning.recipe import (PruneConfig, calibration_batches, dev_score
 from minisnip.stats import collect_stats  # noqa: E402
 from minisnip.surgery import encoder_of  # noqa: E402
 from minisnip.snip import method as snip_method  # noqa: E402
-from minisnip.train import TrainConfig, fit  # noqa: E402
+from minisnip.train import TrainConfig, fit, resolve_device  # noqa: E402
 
 PLAIN = ("snip-no-prior", "magnitude", "heads")  # methods whose fine-tuning is plain: one shared fine-tune
 DEFAULT_METHODS = list(METHODS)
@@ -109,6 +112,12 @@ class Cell:
             return self.key
         return (self.task, self.seed, SAME_TRAINING.get(self.method, self.method), self.distill)
 
+    @property
+    def unit(self) -> tuple:
+        """What one process claims under `--claim`: the cells of one training family of a task and seed (a
+        scheduled method's targets together, so that a teacher it needs is trained once per unit)."""
+        return self.training if len(self.training) == 4 else (self.task, self.seed, self.method, self.distill)
+
 
 def plan(args) -> list[Cell]:
     """Every cell, seed by seed and task by task (the runner keeps one task and seed's fine-tunes in memory, so
@@ -139,6 +148,46 @@ def shard_of(cell: Cell, cells: list[Cell], n: int) -> int:
     cells finish), so the cells that share a fine-tune run in one process."""
     order = list(dict.fromkeys(c.training for c in cells))
     return order.index(cell.training) % n
+
+
+def claim(folder: Path, unit: tuple) -> bool:
+    """Take `unit` for this process: create its claim file in `folder` (atomic: exactly one process succeeds).
+    A claim left by a process of this host that is no longer alive is taken over; one of another host is
+    respected (delete <out>.claims/ to release those)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ("_".join(str(x) for x in unit).replace("/", "-") + ".claim")
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()
+            except (OSError, ValueError):
+                return False  # being written by its owner, or gone: leave it to them
+            if host != socket.gethostname() or _alive(int(pid)):
+                return False
+            stale = path.with_suffix(f".stale{os.getpid()}")
+            try:  # the owner is gone: one process wins the rename, then creates the claim anew
+                os.rename(path, stale)
+            except OSError:
+                return False
+            stale.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_records(jsonl: Path) -> list[dict]:
@@ -202,6 +251,7 @@ class Study:
         self.tokenizer = minisnip.load_tokenizer(self.model_path)
         self.data: dict[str, TaskData] = {}
         self.trained: dict[tuple, Trained] = {}  # training key -> its fine-tune
+        self.references: dict[str, torch.nn.Module] = {}  # task -> the dense model pruned ones are timed against
 
     def task_data(self, task: str) -> TaskData:
         if task not in self.data:
@@ -212,7 +262,16 @@ class Study:
     def train_cfg(self, seed: int) -> TrainConfig:
         a = self.args
         return TrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length, seed=seed,
-                           progress=False, device=a.device)
+                           progress=False, device=a.device, amp=a.amp)
+
+    def timing_reference(self, data: TaskData) -> torch.nn.Module:
+        """The dense model a pruned one is timed against: the folder's model with the task's head, not fine-tuned
+        (inference time depends on the shapes, not on the weights; so a process that runs a scheduled method's
+        cells needs no plain fine-tune for it)."""
+        if data.task.name not in self.references:
+            device = resolve_device(self.args.device)
+            self.references[data.task.name] = new_classifier(self.model_path, data.task, 0).to(device).eval()
+        return self.references[data.task.name]
 
     def prune_cfg(self, cell: Cell) -> PruneConfig:
         return PruneConfig(target=cell.target or None, recovery_epochs=self.args.recovery_epochs,
@@ -273,31 +332,49 @@ class Study:
                       before_recovery=before, score=after, prune_seconds=time.perf_counter() - t0,
                       removed=outcome.removed, structured=module.STRUCTURED)
         record["linear_weight_ratio"] = dense_encoder_linear_params(dense_config) / max(1, encoder_linear_params(pruned))
-        dense = self.fine_tuned(Cell(cell.task, cell.seed, "dense", 0.0)).model
-        record["speedup"], record["speedup_cpu"] = speedup(dense, pruned)
+        record["speedup"], record["speedup_cpu"] = speedup(self.timing_reference(data), pruned)
         if module.SCHEDULED:
             del self.trained[cell.training]  # used once
         return record
 
 
-def estimate_seconds(cells: list[Cell], args, examples_per_second: float) -> float:
-    """Training examples the plan will see, over a measured throughput (evaluation and pruning excluded)."""
+def estimate_seconds(cells: list[Cell], args, examples_per_second: float,
+                     prior_examples_per_second: float | None = None) -> float:
+    """Training examples the plan will see, over a measured throughput (evaluation and pruning excluded).
+    Fine-tunes with SNIP's prior run at `prior_examples_per_second` where it was measured (they are the slower
+    ones); every other training, and every recovery epoch, at `examples_per_second`."""
     n = args.max_train or 67349  # 'all': SST-2's size, the largest of the study's tasks
-    trainings = {c.training for c in cells}
+    trainings = {c.training: c for c in cells}
+    prior = prior_examples_per_second or examples_per_second
+    seconds = sum(args.epochs * n / (prior if _has_prior(c) else examples_per_second) for c in trainings.values())
     recoveries = sum(1 for c in cells if c.method != "dense")
-    return (len(trainings) * args.epochs + recoveries * args.recovery_epochs) * n / examples_per_second
+    return seconds + recoveries * args.recovery_epochs * n / examples_per_second
 
 
-def measure_throughput(study: Study, task: str) -> float:
-    """Training examples per second of plain fine-tuning on 4 batches of `task`."""
+def _has_prior(cell: Cell) -> bool:
+    if cell.method == "dense" or cell.method in PLAIN:
+        return False
+    module, overrides = ALL[cell.method]
+    return module is snip_method and overrides.get("prior", True)
+
+
+def measure_throughput(study: Study, task: str, method: str | None = None, batches: int = 4) -> float:
+    """Training examples per second of fine-tuning on `batches` batches of `task`: plain, or with `method`'s
+    terms (a name of ALL). Timed on a second pass, after one over the same batches has warmed the device up."""
     data = study.task_data(task)
-    subset = type(data.train)(ids=data.train.ids[:4 * study.args.batch_size],
-                              types=data.train.types[:4 * study.args.batch_size],
-                              labels=data.train.labels[:4 * study.args.batch_size])
-    model = new_classifier(study.model_path, data.task, 0)
+    k = batches * study.args.batch_size
+    subset = type(data.train)(ids=data.train.ids[:k], types=data.train.types[:k], labels=data.train.labels[:k])
+    small = TaskData(task=data.task, train=subset, dev={"train": subset}, info=data.info)
     cfg = TrainConfig(epochs=1, batch_size=study.args.batch_size, max_length=study.args.max_length, progress=False,
-                      device=study.args.device)
-    history = fit(model, study.tokenizer, data.task, subset, {"train": subset}, cfg)
+                      device=study.args.device, amp=study.args.amp)
+    for _ in range(2):  # the first pass: CUDA context, kernels chosen, allocator grown
+        model = new_classifier(study.model_path, data.task, 0)
+        if method is None:
+            history = fit(model, study.tokenizer, data.task, subset, small.dev, cfg)
+        else:
+            module, overrides = ALL[method]
+            history, _ = finetune_with(model, study.tokenizer, small, module, module.Config(**overrides),
+                                       PruneConfig(target=0.5), cfg)
     return history.train_examples / history.train_seconds
 
 
@@ -433,7 +510,7 @@ def write_summary(args, jsonl: Path) -> str:
     targets = sorted({r["target"] for r in records if r["target"]})
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "machine": machine_info(args.device), "compression_definition": COMPRESSION_DEFINITION,
+        {"settings": settings, "machine": machine_info(resolve_device(args.device).type), "compression_definition": COMPRESSION_DEFINITION,
          "records": len(records), "summary": summary}, indent=2) + "\n")
     md = table(summary, targets)
     if 0.5 in targets:
@@ -477,8 +554,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="autocast (TrainConfig.amp): auto = bf16 on CUDA, off on CPU; off = float32 everywhere")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1: two shards share 2 cores)")
     p.add_argument("--shard", default="0/1", help="i/n: run shard i of n (whole trainings dealt round-robin)")
+    p.add_argument("--claim", action="store_true",
+                   help="instead of a fixed shard, take the next unclaimed unit of the plan (a claim file in "
+                        "<out>.claims/): any number of processes balance themselves and follow the plan's order")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="start no cell after this many seconds (what is unfinished is left to a resumed run)")
+    p.add_argument("--estimate", action="store_true",
+                   help="measure the training throughput (plain, and with SNIP's prior), print the plan's estimated "
+                        "time, and stop")
+    p.add_argument("--keep-going", action="store_true",
+                   help="on a cell's error: print it, skip the rest of its unit, go on, and exit 1 at the end")
+    p.add_argument("--code", default=None,
+                   help="the commit to record in each cell where the checkout has no git (a copy on another machine)")
     p.add_argument("--quick", action="store_true", help="a few minutes: SST-2, 1 seed, 200 examples, 1 epoch, 50%%")
     p.add_argument("--summarize", action="store_true", help="only write <out>.json/.md/figures from <out>.jsonl")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"))
@@ -492,30 +583,63 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarize:
         print(write_summary(args, jsonl))
         return 0
+    start = time.perf_counter()
     i, n = (int(x) for x in args.shard.split("/"))
     done = {tuple(r[k] for k in ("task", "seed", "method", "target")) + (r.get("distill", False),)
             for r in read_records(jsonl)}
     full = plan(args)
     cells = [c for c in full if c.key not in done]
-    mine = [c for c in cells if shard_of(c, full, n) == i]
-    study, code = Study(args), code_version()
+    mine = cells if args.claim else [c for c in cells if shard_of(c, full, n) == i]
+    study, code = Study(args), code_version() or args.code
+    device = str(resolve_device(args.device))
     if mine:
-        speed = measure_throughput(study, mine[0].task)
-        eta = estimate_seconds(mine, args, speed)
-        print(f"shard {i}/{n}: {len(mine)} of {len(cells)} remaining cells; {speed:.1f} train examples/s measured; "
-              f"estimated {eta / 3600:.1f} h of training (evaluation and pruning come on top)", flush=True)
+        speed = measure_throughput(study, mine[0].task, batches=8 if args.estimate else 4)
+        prior = measure_throughput(study, mine[0].task, "snip", batches=8) if args.estimate else None
+        eta = estimate_seconds(mine, args, speed, prior)
+        who = f"pid {os.getpid()} (claiming)" if args.claim else f"shard {i}/{n}"
+        print(f"{who}: {len(mine)} of {len(cells)} remaining cells; {speed:.1f} train examples/s measured"
+              + (f" ({prior:.1f} with SNIP's prior)" if prior else "")
+              + f"; estimated {eta / 3600:.2f} h of training (evaluation and pruning come on top)", flush=True)
+    if args.estimate:
+        return 0
+    claimed: set = set()
+    failed: set = set()  # --keep-going: units whose cell raised (their other cells are skipped)
     for cell in mine:
+        if args.deadline is not None and time.perf_counter() - start > args.deadline:
+            print(f"deadline of {args.deadline:.0f} s reached: the remaining cells are left to a resumed run")
+            break
+        if cell.unit in failed:
+            continue
+        if args.claim and cell.unit not in claimed:
+            if not claim(args.out.parent / f"{args.out.name}.claims", cell.unit):
+                continue  # another process runs this unit
+            claimed.add(cell.unit)
         t0 = time.perf_counter()
-        record = study.run(cell)
+        try:
+            record = study.run(cell)
+        except Exception:
+            if not args.keep_going:
+                raise
+            print(f"FAILED {cell}:\n{traceback.format_exc()}", flush=True)
+            failed.add(cell.unit)
+            study.trained.clear()
+            continue
         record["cell_seconds"] = time.perf_counter() - t0
         record["code"] = code  # which minisnip computed the cell (numbers move when SNIP's computation changes)
+        record["device"], record["amp"] = device, args.amp
         with jsonl.open("a") as sink:  # one line per finished cell, flushed: an interruption loses one cell
             sink.write(json.dumps(record) + "\n")
         print(f"{cell.task} seed {cell.seed} {cell.method}{' +distill' if cell.distill else ''} @ {cell.target:.2f}: "
               f"{record['main_metric']} {100 * record['score']:.2f} (before recovery "
               f"{100 * record['before_recovery']:.2f}), compression {record['compression']:.3f}, "
               f"{record['cell_seconds']:.0f} s", flush=True)
-    print(write_summary(args, jsonl))
+    if args.claim:  # other processes may still be writing cells: summarize once they are done (--summarize)
+        print(f"pid {os.getpid()}: no unclaimed cell left; summarize with --summarize when every process is done")
+    else:
+        print(write_summary(args, jsonl))
+    if failed:
+        print(f"{len(failed)} unit(s) failed: {sorted(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
