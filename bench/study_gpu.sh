@@ -23,7 +23,7 @@ end=$(( $(date +%s) + seconds ))
 mkdir -p "$(dirname "$out")"
 
 mps=0  # 1: this script started MPS (and stops it at the end)
-if [ "$device" = cuda ] && pgrep -x nvidia-cuda-mps-control >/dev/null; then
+if [ "$device" = cuda ] && pgrep -f nvidia-cuda-mps-control >/dev/null; then
     echo "MPS: already on"
 elif [ "$device" = cuda ] && command -v nvidia-cuda-mps-control >/dev/null; then
     if nvidia-cuda-mps-control -d && $py -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
