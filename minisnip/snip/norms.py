@@ -148,25 +148,35 @@ class _GramSums(torch.autograd.Function):
         s_k = < G_k, M_k >,   M_k = sum_t keep_kt x_kt x_kt^T   (one batched matmul, (K, m, m))
 
     and a backward of one more: ds_k/dx_kt = keep_kt (G_k + G_k^T) x_kt, ds_k/dG_k = M_k. (Autograd through
-    the per-token formula (x G) . x runs three: x G, then a gradient for each of its operands.)"""
+    the per-token formula (x G) . x runs three: x G, then a gradient for each of its operands.)
+
+    Under autocast (bf16 traces on a GPU) both passes run in float32 (at least) with autocast off: a sum over
+    every token of a batch wants the wider accumulator, and each gradient comes back in its input's dtype. In
+    float32 or float64 the casts are no-ops."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor | None, g: Tensor) -> Tensor:
-        xm = x if keep is None else x * keep
-        m = torch.bmm(xm.transpose(1, 2), x)
-        ctx.save_for_backward(xm, g, m)
-        return (m * g).sum(dim=(1, 2))
+        ctx.dtypes = (x.dtype, g.dtype)
+        wide = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)  # float64 stays
+        with torch.autocast(x.device.type, enabled=False):
+            x, g = x.to(wide), g.to(wide)  # to() keeps a transposed view's strides
+            xm = x if keep is None else x * keep.to(wide)
+            m = torch.bmm(xm.transpose(1, 2), x)
+            ctx.save_for_backward(xm, g, m)
+            return (m * g).sum(dim=(1, 2))
 
     @staticmethod
     def backward(ctx, ds: Tensor):
         xm, g, m = ctx.saved_tensors
-        ds = ds.view(-1, 1, 1)
+        ds = ds.to(m.dtype).view(-1, 1, 1)
         dx = dg = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(xm)  # the layout of x (for FFN activations: a transposed view), filled in place
-            torch.bmm(xm, (g + g.transpose(1, 2)) * ds, out=dx)
-        if ctx.needs_input_grad[2]:
-            dg = m * ds
+        with torch.autocast(xm.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                dx = torch.empty_like(xm)  # the layout of x (for FFN activations: a transposed view), filled in place
+                torch.bmm(xm, (g + g.transpose(1, 2)) * ds, out=dx)
+                dx = dx.to(ctx.dtypes[0])
+            if ctx.needs_input_grad[2]:
+                dg = (m * ds).to(ctx.dtypes[1])
         return dx, None, dg
 
 
