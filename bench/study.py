@@ -510,11 +510,11 @@ def write_summary(args, jsonl: Path) -> str:
     targets = sorted({r["target"] for r in records if r["target"]})
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "machine": machine_info(resolve_device(args.device).type), "compression_definition": COMPRESSION_DEFINITION,
+        {"settings": settings, "machine": machine_info(_summarizing_device(args.device)), "compression_definition": COMPRESSION_DEFINITION,
          "records": len(records), "summary": summary}, indent=2) + "\n")
     md = table(summary, targets)
-    if 0.5 in targets:
-        md += "\n" + across_tasks(records, summary, 0.5)
+    for target in [t for t in (0.5, 0.3, 0.7) if t in targets]:
+        md += "\n" + across_tasks(records, summary, target)
     args.out.with_suffix(".md").write_text(
         "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
         "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "
@@ -524,6 +524,13 @@ def write_summary(args, jsonl: Path) -> str:
     if records:
         figures(summary, args.out)
     return md
+
+
+def _summarizing_device(name: str) -> str:
+    """The device type whose facts the summary records: the cells' own (each record names its device), unless
+    they ran on a GPU this machine lacks (a summary written elsewhere): then this machine's CPU."""
+    device = resolve_device(name)
+    return device.type if device.type != "cuda" or torch.cuda.is_available() else "cpu"
 
 
 def _max_train(text: str) -> int | None:

@@ -64,5 +64,5 @@ wait "${pids[@]}"
 kill "$watchdog" 2>/dev/null
 [ "$mps" = 1 ] && echo quit | nvidia-cuda-mps-control 2>/dev/null
 # shellcheck disable=SC2086
-$py bench/study.py --glue-dir "$glue" --out "$out" --device "$device" --amp "$amp" ${EXTRA:-} --summarize >/dev/null
+$py bench/study.py --glue-dir "$glue" --model "$model" --out "$out" --device "$device" --amp "$amp" ${EXTRA:-} --summarize >/dev/null
 echo "cells: $(wc -l <"$out.jsonl"); failures: $(grep -l FAILED "$out".worker*.log 2>/dev/null | wc -l) worker log(s)"

@@ -94,3 +94,44 @@ def test_plan_runs_each_task_and_seed_together(bench_script):
     first = [c for c in cells if (c.seed, c.task) == (1, "sst2")]
     assert first[0].method == "dense" and [c.target for c in first[1:3]] == [0.5, 0.5]  # dense, then 50% first
     assert [c.target for c in first[-1:]] == [0.9]  # the extra targets last
+
+
+def test_claims_are_taken_once_and_taken_over_from_dead_processes(tmp_path, bench_script):
+    """--claim's queue: a unit's claim file is created by one process only; a claim whose process of this host
+    is gone is taken over; one of another host is left alone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    study = bench_script("study")
+    folder = tmp_path / "study.claims"
+    unit = ("mrpc", 1, "snip", False)
+    assert study.claim(folder, unit) is True
+    assert study.claim(folder, unit) is False  # this (live) process holds it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has exited
+    other = ("sst2", 2, "plain", False)
+    path = folder / "sst2_2_plain_False.claim"
+    path.write_text(f"{socket.gethostname()} {dead}")
+    assert study.claim(folder, other) is True and path.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    path.write_text(f"another-host {dead}")
+    assert study.claim(folder, other) is False  # another host's process: not ours to judge
+    assert sorted(p.name for p in folder.iterdir()) == ["mrpc_1_snip_False.claim", "sst2_2_plain_False.claim"]
+
+
+def test_claiming_process_runs_the_plan_and_a_deadline_leaves_the_rest(tmp_path, glue_fixtures_dir, tiny_folder,
+                                                                      bench_script):
+    study = bench_script("study")
+    out = tmp_path / "study"
+    argv = ["--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder), "--tasks", "rte", "--seeds", "1",
+            "--targets", "0.5", "--unstructured-targets", "--methods", "snip", "magnitude", "--max-train", "8",
+            "--epochs", "1", "--batch-size", "4", "--max-length", "32", "--out", str(out), "--claim",
+            "--code", "abc1234"]
+    assert study.main([*argv, "--deadline", "0"]) == 0  # past its deadline before the first cell
+    assert not out.with_suffix(".jsonl").exists() or not out.with_suffix(".jsonl").read_text().strip()
+    assert study.main(argv) == 0
+    records = study.read_records(out.with_suffix(".jsonl"))
+    assert {(r["method"], r["target"]) for r in records} == {("dense", 0.0), ("snip", 0.5), ("magnitude", 0.5)}
+    assert all(r["device"] == "cpu" and r["amp"] == "auto" for r in records)
+    assert not out.with_suffix(".md").exists()  # a claiming process leaves the summary to --summarize
