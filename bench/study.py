@@ -55,6 +55,7 @@ from minisnip.pruning.recipe import (PruneConfig, calibration_batches, dev_score
                                     recover, remove)
 from minisnip.stats import collect_stats  # noqa: E402
 from minisnip.surgery import encoder_of  # noqa: E402
+from minisnip.methods import l0 as l0_method  # noqa: E402
 from minisnip.snip import method as snip_method  # noqa: E402
 from minisnip.train import TrainConfig, fit, resolve_device  # noqa: E402
 
@@ -76,6 +77,9 @@ VARIANTS: dict[str, tuple] = {
     "snip-per-param": (snip_method, {}),  # ranking by norm per parameter (RECIPE below)
     "snip-last": (snip_method, {}),  # prunes the last epoch's model, not the best one (LAST_EPOCH below)
     "snip-prox-last": (snip_method, {"prior_step": "proximal"}),
+    # not SNIP's: L0 gates that start open (log α ≈ 4.6; the default 0.5 halves every branch from the first step,
+    # which STS-B does not survive: docs/methods_structured.md)
+    "l0-open": (l0_method, {"init_drop": 0.01}),
 }
 # variants that change the recipe's choices (PruneConfig), not SNIP's Config
 RECIPE: dict[str, dict] = {
