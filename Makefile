@@ -23,7 +23,7 @@ install: $(STAMP)
 
 main: $(STAMP)
 	$(BIN)/python -m minisnip prune --method snip --target 0.5 --task sst2 --glue-dir $(GLUE_DIR) \
-		--max-train 3000 --epochs 3 --lr 1e-4 --out $(OUT) --overwrite
+		--max-train 4000 --epochs 3 --lr 1e-4 --out $(OUT) --overwrite
 
 test: $(STAMP)
 	MINISNIP_GLUE_DIR=$(GLUE_DIR) $(BIN)/python -m pytest -q

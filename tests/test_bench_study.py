@@ -135,3 +135,17 @@ def test_claiming_process_runs_the_plan_and_a_deadline_leaves_the_rest(tmp_path,
     assert {(r["method"], r["target"]) for r in records} == {("dense", 0.0), ("snip", 0.5), ("magnitude", 0.5)}
     assert all(r["device"] == "cpu" and r["amp"] == "auto" for r in records)
     assert not out.with_suffix(".md").exists()  # a claiming process leaves the summary to --summarize
+
+
+def test_estimate_counts_prior_trainings_at_their_own_speed(bench_script):
+    """estimate_seconds: every training's epochs over its throughput (SNIP's prior at the measured prior speed),
+    plus one recovery epoch per pruned cell at the plain speed."""
+    study = bench_script("study")
+    args = type("A", (), {"seeds": [1], "tasks": ["sst2"], "targets": [0.5], "unstructured_targets": [],
+                          "methods": ["snip", "magnitude"], "distill": False, "max_train": 100, "epochs": 3,
+                          "recovery_epochs": 1})()
+    cells = study.plan(args)  # dense, snip, magnitude: two trainings (plain, snip), two recoveries
+    plain, prior = 10.0, 5.0
+    want = 3 * 100 / plain + 3 * 100 / prior + 2 * 100 / plain
+    assert study.estimate_seconds(cells, args, plain, prior) == pytest.approx(want)
+    assert study.estimate_seconds(cells, args, plain) == pytest.approx((3 + 3 + 2) * 100 / plain)
