@@ -12,7 +12,8 @@ One *cell* is (task, seed, method, target, distill). The costly part is shared w
 
 Each finished cell is appended as one JSON line to <out>.jsonl (duplicates from concurrent processes count once),
 so an interrupted study resumes where it stopped; `--shard i/n` splits the trainings (and their cells) over n processes (one torch
-thread each: two shards share a 2-core machine). Before it starts, the runner prints its plan and an estimate of
+thread each: two shards share a 2-core machine), and `--claim` lets any number of processes take the plan's units
+from one queue instead (bench/study_gpu.sh runs a GPU's worth of them). Before it starts, the runner prints its plan and an estimate of
 the total time from a short measurement of training throughput. Records hold the final score, the score before
 recovery, the compression reached, and for structured methods the measured inference speedup of the pruned model
 over dense (one 32 x 128 batch, 5 interleaved rounds) next to the ratio of linear-layer weights (the FLOP ratio of the
