@@ -57,7 +57,7 @@ from minisnip.finetune import load_classifier, load_task_data  # noqa: E402
 from minisnip.glue import GLUE_DIR_ENV, GlueTask  # noqa: E402
 from minisnip.model import BertForSequenceClassification  # noqa: E402
 from minisnip.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from minisnip.train import StepContext, TrainConfig, TrainHook, evaluate, fit, set_seed  # noqa: E402
+from minisnip.train import StepContext, TrainConfig, TrainHook, amp_dtype, evaluate, fit, set_seed  # noqa: E402
 
 MS = "minisnip"
 REF = "transformers"
@@ -117,6 +117,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     return args
+
+
+def _dtype_label(dtype: torch.dtype | None) -> str:
+    """What the settings line says of the arithmetic: 'float32', or e.g. 'bf16 autocast'."""
+    return "float32" if dtype is None else f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} autocast"
 
 
 def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:
@@ -482,8 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
     default = minisnip.default_model_path() if args.model is None else None
     settings.update(model=str(folder), model_name="all-MiniLM-L6-v2" if default == folder else folder.name,
                     glue_dir=str(args.glue_dir), device=args.device,
-                    dtype=("float32" if args.amp == "off" or (args.amp == "auto" and args.device != "cuda")
-                           else f"{'bf16' if args.amp == 'auto' else args.amp} autocast"),
+                    dtype=_dtype_label(amp_dtype(torch.device(args.device), args.amp)),
                     eval_batch_size=TrainConfig().eval_batch_size)
     machine = machine_info(args.device)
     machine["loadavg_1m_start"], machine["loadavg_1m_end"] = load_start, loadavg()

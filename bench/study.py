@@ -121,7 +121,8 @@ class Cell:
     def unit(self) -> tuple:
         """What one process claims under `--claim`: the cells of one training family of a task and seed (a
         scheduled method's targets together, so that a teacher it needs is trained once per unit)."""
-        return self.training if len(self.training) == 4 else (self.task, self.seed, self.method, self.distill)
+        shared = self.training != self.key  # a scheduled method's training is the cell itself
+        return self.training if shared else (self.task, self.seed, self.method, self.distill)
 
 
 def plan(args) -> list[Cell]:
@@ -357,10 +358,10 @@ def estimate_seconds(cells: list[Cell], args, examples_per_second: float,
 
 
 def _has_prior(cell: Cell) -> bool:
-    if cell.method == "dense" or cell.method in PLAIN:
+    if cell.method == "dense":
         return False
     module, overrides = ALL[cell.method]
-    return module is snip_method and overrides.get("prior", True)
+    return module is snip_method and module.Config(**overrides).uses_prior
 
 
 def measure_throughput(study: Study, task: str, method: str | None = None, batches: int = 4) -> float:
@@ -615,16 +616,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate:
         return 0
     claimed: set = set()
+    held_elsewhere: set = set()  # units whose claim another process holds: not asked again for each of their cells
     failed: set = set()  # --keep-going: units whose cell raised (their other cells are skipped)
     for cell in mine:
         if args.deadline is not None and time.perf_counter() - start > args.deadline:
             print(f"deadline of {args.deadline:.0f} s reached: the remaining cells are left to a resumed run")
             break
-        if cell.unit in failed:
+        if cell.unit in failed or cell.unit in held_elsewhere:
             continue
         if args.claim and cell.unit not in claimed:
             if not claim(args.out.parent / f"{args.out.name}.claims", cell.unit):
-                continue  # another process runs this unit
+                held_elsewhere.add(cell.unit)  # another process runs this unit
+                continue
             claimed.add(cell.unit)
         t0 = time.perf_counter()
         try:
