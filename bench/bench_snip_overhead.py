@@ -208,7 +208,7 @@ class PhaseTimed(TrainHook):
 
     def __init__(self, inner: TrainHook, clock: PhaseClock):
         self.inner, self.clock = inner, clock
-        self.needs_traces, self.packed_traces = inner.needs_traces, inner.packed_traces
+        self.needs_traces, self.packed_traces, self.cls_traces = inner.needs_traces, inner.packed_traces, inner.cls_traces
         self.values: list[float] = []
 
     def param_groups(self):

@@ -71,16 +71,21 @@ class Packing:
 
     pack:   (batch, seq, ...) -> (tokens, ...), the real tokens only, in order;
     unpack: (tokens, ...) -> (batch, seq, ...), zeros at the padded positions.
+    `cls_rows`: the packed row of each sequence's position 0 ([CLS]), None when some position 0 is padding.
     """
 
     index: Tensor
     batch: int
     seq: int
+    cls_rows: Tensor | None = None
 
     @classmethod
     def from_mask(cls, attention_mask: Tensor) -> Packing:
         b, s = attention_mask.shape
-        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), b, s)
+        real = attention_mask.to(torch.bool)
+        lengths = real.sum(1)
+        cls_rows = lengths.cumsum(0) - lengths if bool(real[:, 0].all()) else None
+        return cls(real.reshape(-1).nonzero().squeeze(1), b, s, cls_rows)
 
     def pack(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch * self.seq, *x.shape[2:]).index_select(0, self.index)
@@ -295,6 +300,9 @@ class LayerTrace:
     (batch, seq, ffn_dim), the rest (batch, seq, hidden). A packed trace (`BertModel.forward(...,
     pack_trace=True)` on a padded batch) has `packing` set: then every field but `context` holds the real
     tokens only, (tokens, ...) in the order of `packing.index`, as the layer computed them.
+    `cls_rows` is set on the last layer of a classifier's trace taken with `cls_trace=True`: its `ffn_out` and `y`
+    then hold the [CLS] positions alone, (batch, hidden), the rows `cls_rows` of the other fields flattened to
+    (rows, ...); the other fields still cover every token (`ffn_output` recomputes the FFN output of all).
     """
 
     x: Tensor
@@ -305,6 +313,15 @@ class LayerTrace:
     ffn_out: Tensor | None
     y: Tensor
     packing: Packing | None = None
+    cls_rows: Tensor | None = None
+
+
+    def ffn_output(self, layer: Layer) -> Tensor | None:
+        """FFN(h) at every token the trace covers: `ffn_out`, or for a [CLS]-only last layer (`cls_rows`) W_2 z + b_2
+        recomputed from `ffn_act` with `layer`'s FFN (the function its forward applied)."""
+        if self.cls_rows is None or self.ffn_act is None:
+            return self.ffn_out
+        return layer.ffn.project(self.ffn_act)
 
 
 class Layer(nn.Module):
@@ -319,10 +336,15 @@ class Layer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                cls_only: bool = False, packing: Packing | None = None) -> Tensor:
+                cls_only: bool = False, packing: Packing | None = None, cls_rows: Tensor | None = None) -> Tensor:
         """(batch, seq, hidden) -> (batch, seq, hidden); with cls_only, the output at position 0 only
         (batch, 1, hidden), which still attends over every position of x. With `packing`, x and the result
-        are the real tokens only, (tokens, hidden)."""
+        are the real tokens only, (tokens, hidden).
+
+        cls_rows (the last layer of a classifier's trace): the rows of x, flattened to (rows, hidden), that hold
+        each sequence's [CLS]. Attention and the FFN's activations are computed, and traced, for every token (what
+        the branches' norms read), the FFN's output W_2 z and the layer's output for those rows alone:
+        (batch, 1, hidden), as with cls_only."""
         # attention sub-layer: h = LN(x + Attn(x)); a removed block contributes 0, so h = LN(x)
         ctx = a = None
         if cls_only:
@@ -336,16 +358,18 @@ class Layer(nn.Module):
             h = self.attention_norm(x + self.dropout(a))
         # feed-forward sub-layer: y = LN(h + FFN(h)); a removed block contributes 0, so y = LN(h)
         z = f = None
+        h_out = h if cls_rows is None else h.reshape(-1, h.shape[-1]).index_select(0, cls_rows)
         if self.ffn is None:
-            y = self.ffn_norm(h)
+            y = self.ffn_norm(h_out)
         else:
             z = self.ffn.activations(h)
-            f = self.ffn.project(z)
-            y = self.ffn_norm(h + self.dropout(f))
+            z_out = z if cls_rows is None else z.reshape(-1, z.shape[-1]).index_select(0, cls_rows)
+            f = self.ffn.project(z_out)
+            y = self.ffn_norm(h_out + self.dropout(f))
         if trace is not None:
             trace.append(LayerTrace(x=x, context=ctx, attention_out=a, h=h, ffn_act=z, ffn_out=f, y=y,
-                                    packing=packing))
-        return y
+                                    packing=packing, cls_rows=cls_rows))
+        return y if cls_rows is None else y.unsqueeze(1)
 
 
 class Pooler(nn.Module):
@@ -420,19 +444,24 @@ class BertModel(nn.Module):
         if not has_padding:
             return HostChecks(False, None)
         packing = Packing.from_mask(attention_mask)
-        index = packing.index.pin_memory() if device.type == "cuda" else packing.index
-        return HostChecks(True, Packing(index.to(device, non_blocking=True), packing.batch, packing.seq))
+        to = lambda t: None if t is None else (t.pin_memory() if device.type == "cuda" else t).to(  # noqa: E731
+            device, non_blocking=True)
+        return HostChecks(True, Packing(to(packing.index), packing.batch, packing.seq, to(packing.cls_rows)))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                cls_only: bool = False, pack_trace: bool = False, checked: HostChecks | None = None) -> Tensor:
+                cls_only: bool = False, pack_trace: bool = False, checked: HostChecks | None = None,
+                cls_trace: bool = False) -> Tensor:
         """(batch, seq) token ids -> (batch, seq, hidden) last hidden states.
 
         attention_mask: 1 for real tokens, 0 for padding (default: all real). token_type_ids: segment A/B
         (default 0). trace: pass an empty list to receive one `LayerTrace` per layer.
         cls_only: return (batch, 1, hidden), the [CLS] position only, which is all a classifier reads: the last
         layer then computes its queries, attention output and FFN for that one position (its keys and values
-        still for all), about 5/6 of one layer's work saved. Ignored when `trace` is given.
+        still for all), about 5/6 of one layer's work saved. With a `trace`, cls_only is ignored, unless cls_trace:
+        then the last layer computes everything its branches' norms read for every token, and its FFN output and
+        output for [CLS] alone (`LayerTrace.cls_rows`; about a third of that layer's work saved). Where position 0
+        of some sequence is padding, the last layer is traced whole.
         With padding, the layers run on the real tokens only (see `Packing`), unless a trace is asked for
         without `pack_trace`: that trace records the unpacked computation, every position of the batch. With
         pack_trace the layers run packed and so does the trace (`LayerTrace.packing`), which is cheaper
@@ -447,16 +476,24 @@ class BertModel(nn.Module):
         if has_padding:  # without padding, attention needs no mask (and takes its fastest kernel)
             mask = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, seq): True = may attend
         x = self.embeddings(input_ids, token_type_ids)
+        traced_cls = cls_only and cls_trace and trace is not None and len(self.layers) > 0
         cls_only = cls_only and trace is None and len(self.layers) > 0
         packing = None
         if has_padding and (trace is None or pack_trace):
             packing = Packing.from_mask(attention_mask) if checked is None else checked.packing
         if packing is not None:
             x = packing.pack(x)
+        cls_rows = None
+        if traced_cls:  # where each sequence's position 0 sits among the rows the last layer computes
+            b, s = input_ids.shape
+            cls_rows = torch.arange(b, device=x.device) * s if packing is None else packing.cls_rows
         for i, layer in enumerate(self.layers):
-            if cls_only and i == len(self.layers) - 1:  # the last layer, for [CLS] only, on the padded layout
+            last = i == len(self.layers) - 1
+            if cls_only and last:  # the last layer, for [CLS] only, on the padded layout
                 x = x if packing is None else packing.unpack(x)
                 return layer(x, mask, cls_only=True)
+            if cls_rows is not None and last:  # traced, its FFN output for [CLS] only: (batch, 1, hidden)
+                return layer(x, mask, trace, packing=packing, cls_rows=cls_rows)
             x = layer(x, mask, trace, packing=packing)
         if packing is not None:
             return packing.unpack(x)
@@ -492,9 +529,11 @@ class BertForSequenceClassification(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, trace: list[LayerTrace] | None = None,
-                pack_trace: bool = False, checked: HostChecks | None = None) -> Tensor:
+                pack_trace: bool = False, checked: HostChecks | None = None, cls_trace: bool = False) -> Tensor:
+        """Logits (batch, num_labels). trace / pack_trace / cls_trace / checked: as `BertModel.forward` (the
+        encoder runs with cls_only: the classifier reads [CLS] alone)."""
         hidden = self.bert(input_ids, attention_mask, token_type_ids, trace, cls_only=True, pack_trace=pack_trace,
-                           checked=checked)
+                           checked=checked, cls_trace=cls_trace)
         return self.classifier(self.dropout(self.bert.pooler(hidden)))
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:

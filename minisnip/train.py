@@ -13,7 +13,8 @@ Pruning methods (and observers) plug in through `hooks`: a list of `TrainHook` o
 
 with a `StepContext` holding the step, the model, the batch, the logits, the task loss and (when any hook
 sets `needs_traces`) one `LayerTrace` per layer, on the packed layout (real tokens only) when every such hook
-sets `packed_traces`. `param_groups()` adds parameters of a hook's own (scores,
+sets `packed_traces`, with the last layer's FFN output at [CLS] only when every such hook sets `cls_traces`.
+`param_groups()` adds parameters of a hook's own (scores,
 gate logits) to the optimiser with their own learning rate. Nothing else of the loop changes.
 
 A parametrized weight (spectral normalization, `minisnip.snip.spectral`) is computed once per step
@@ -87,6 +88,10 @@ class TrainHook:
     # the hook reads packed traces too (`LayerTrace.packing`: real tokens only). When every hook that needs traces
     # does, fit records them packed, and the forward skips the padding as it does without a trace
     packed_traces: bool = False
+    # the hook reads the last layer's FFN output and output (`ffn_out`, `y`) at [CLS] only, or through
+    # `LayerTrace.ffn_output`. When every hook that needs traces does, the classifier's last layer computes those
+    # two for [CLS] alone (`LayerTrace.cls_rows`), as it does without a trace; the other fields cover every token
+    cls_traces: bool = False
 
     def param_groups(self) -> list[dict]:
         """Extra optimiser groups ({"params": [...], "lr": ..., "weight_decay": ...}) of the hook's own."""
@@ -339,6 +344,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
     total_steps = o.steps_per_epoch * cfg.epochs
     want_traces = any(h.needs_traces for h in hooks)
     pack_trace = want_traces and all(h.packed_traces for h in hooks if h.needs_traces)
+    cls_trace = want_traces and all(h.cls_traces for h in hooks if h.needs_traces)
     progress = _progress(cfg.progress and distributed.is_main(), total_steps, f"{task.display} fine-tune")
     saved = has_terms = False
     lengths = train.lengths
@@ -363,7 +369,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
                 h.before_forward(ctx)
             with autocast(device, dtype), parametrize.cached():  # each parametrized weight once per step
                 ctx.logits = net(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], ctx.traces,
-                                 pack_trace=pack_trace, checked=checked)
+                                 pack_trace=pack_trace, cls_trace=cls_trace, checked=checked)
                 ctx.loss = loss = model.loss(ctx.logits, batch["labels"])
                 terms = [t for t in (h.loss(ctx) for h in hooks) if t is not None]
                 pen = torch.stack([t.float() for t in terms]).sum() if terms else None

@@ -349,6 +349,61 @@ def test_cls_only_gradients_equal_full_on_pruned_last_layer(tiny_model, last):
         assert torch.allclose(full[name], cls[name], atol=1e-6, rtol=1e-5), name
 
 
+@pytest.mark.parametrize("layout", ["packed", "unpacked", "no padding", "padded position 0"])
+@pytest.mark.parametrize("last", [dict(heads=[1, 3], ffn_dim=40), dict(heads=[], ffn_dim=128),
+                                  dict(heads=[0, 2], ffn_dim=0)])
+def test_cls_trace_gives_the_full_traces_logits_norms_and_gradients(tiny_model, layout, last):
+    """With cls_trace the classifier's traced last layer computes its FFN output and output at [CLS] alone: the
+    logits, every branch's norm (the FFN block's recomputed by LayerTrace.ffn_output) and all gradients are those of
+    the whole traced layer (float64, dropout off); the trace's other fields cover every token as before."""
+    from minisnip.config import LayerShape
+    from minisnip.snip.prior import identity_prior
+    model = tiny_model(minisnip.BertForSequenceClassification, seed=4, num_labels=3,
+                       layers=[LayerShape([0, 1, 2, 3], 128), LayerShape(**last)]).double()
+    ids = torch.randint(0, 1000, (4, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[3, 3:] = 0, 0
+    if layout == "no padding":
+        mask = None
+    elif layout == "padded position 0":
+        mask[2, :2] = 0
+    kinds = ("head", "attention", "neurons", "ffn")
+    runs = []
+    for cls_trace in (False, True):
+        model.zero_grad()
+        trace: list[LayerTrace] = []
+        logits = model(ids, mask, trace=trace, pack_trace=layout != "unpacked", cls_trace=cls_trace)
+        prior = identity_prior(model, trace, mask, kinds, neuron_group_size=8)
+        (logits.pow(2).sum() + prior).backward()
+        runs.append((logits.detach(), prior.detach(), trace,
+                     {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full_logits, full_prior, full_trace, full_grads), (logits, prior, trace, grads) = runs
+    assert full_trace[-1].cls_rows is None
+    assert (trace[-1].cls_rows is None) == (layout == "padded position 0")  # that one is traced whole
+    assert torch.allclose(logits, full_logits, atol=1e-12, rtol=0)
+    assert torch.allclose(prior, full_prior, atol=1e-12, rtol=1e-12) and prior > 0
+    assert full_grads.keys() == grads.keys() and len(grads) > 20
+    for name in grads:
+        assert torch.allclose(grads[name], full_grads[name], atol=1e-12, rtol=1e-10), name
+    t, f = trace[-1], full_trace[-1]
+    for field in ("x", "context", "attention_out", "h", "ffn_act"):
+        a, b = getattr(t, field), getattr(f, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    if t.cls_rows is not None:
+        rows = lambda v: v.detach().reshape(-1, v.shape[-1])[t.cls_rows]  # noqa: E731
+        assert t.y.shape == (4, model.config.hidden_size) and torch.allclose(t.y, rows(f.y), atol=1e-12, rtol=0)
+        if t.ffn_act is not None:
+            assert t.ffn_out.shape == (4, model.config.hidden_size) and torch.allclose(t.ffn_out, rows(f.ffn_out), atol=1e-12, rtol=0)
+            assert torch.allclose(t.ffn_output(model.bert.layers[-1]), f.ffn_out, atol=1e-12, rtol=0)
+
+
+def test_packing_finds_each_sequences_cls_row():
+    from minisnip.model import Packing
+    p = Packing.from_mask(torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]))
+    assert p.cls_rows.tolist() == [0, 3, 5] and p.index[p.cls_rows].tolist() == [0, 4, 8]
+    assert Packing.from_mask(torch.tensor([[1, 1, 0], [0, 1, 1]])).cls_rows is None  # left padding: no [CLS] row
+
+
 # --- bad input --------------------------------------------------------------------------------------------------
 def test_hidden_size_not_divisible_by_heads():
     with pytest.raises(ConfigError, match=r"hidden_size \(64\) is not divisible by num_attention_heads \(5\)"):

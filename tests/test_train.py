@@ -250,3 +250,32 @@ def test_traces_are_packed_only_when_every_reader_takes_packed_traces(tiny_folde
         for padded, packed, dim in seen:
             assert packed == (padded and all(flags))  # without padding there is nothing to pack
             assert dim == (2 if packed else 3)  # (tokens, hidden) or (batch, seq, hidden)
+
+
+def test_the_last_layer_is_traced_for_cls_only_when_every_reader_takes_it(tiny_folder, glue_fixtures_dir):
+    """fit asks for a last layer whose FFN output is computed at [CLS] alone (LayerTrace.cls_rows) when every hook
+    that needs traces sets cls_traces (SNIP's prior does), and for the whole layer as soon as one reader does not
+    (hidden-state distillation reads every token's output)."""
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)
+
+    class Reader(TrainHook):
+        needs_traces = packed_traces = True
+
+        def __init__(self, cls: bool):
+            self.cls_traces, self.seen = cls, []
+
+        def after_step(self, ctx):
+            last, first = ctx.traces[-1], ctx.traces[0]
+            batch, real = ctx.batch["input_ids"].shape[0], int(ctx.mask.sum())
+            expect = batch if last.cls_rows is not None or last.packing is None else real  # y's rows (tokens, packed)
+            self.seen.append((last.cls_rows is not None, first.cls_rows is None, last.y.shape[0], expect))
+
+    from minisnip.snip.prior import PriorPenalty
+    assert PriorPenalty.cls_traces
+    for flags in ([True], [True, False]):
+        readers = [Reader(f) for f in flags]
+        fit(load_classifier(tiny_folder, data.task), tokenizer, data.task, data.train, {"dev": data.dev["dev"]},
+            quick_cfg(epochs=1), hooks=readers)
+        for cls, first_whole, rows, expect in readers[0].seen:
+            assert cls == all(flags) and first_whole and rows == expect

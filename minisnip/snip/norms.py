@@ -10,7 +10,7 @@ where f_m(x) is the branch output before dropout and before the residual sum:
 
     head h:          W_O[:, cols_h] ctx_h                (no bias: b_O belongs to the block)
     attention block: Attn(x) = W_O ctx + b_O             (`LayerTrace.attention_out`)
-    FFN block:       FFN(h)  = W_2 z + b_2               (`LayerTrace.ffn_out`)
+    FFN block:       FFN(h)  = W_2 z + b_2               (`LayerTrace.ffn_output`)
     neuron group g:  W_2[:, g] z_g                       (no bias: b_2 belongs to the block)
 
 Branch names and kinds are those of `minisnip.pruning.branches`.
@@ -119,7 +119,7 @@ def branch_sq_norms(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor |
             cols.append(sq)
             names += [branch_name(layer_index, "neurons", i) for i in range(sq.shape[-1])]
         if "ffn" in kinds:
-            cols.append(trace_layer.ffn_out.pow(2).sum(-1, keepdim=True))
+            cols.append(trace_layer.ffn_output(layer_module).pow(2).sum(-1, keepdim=True))
             names.append(branch_name(layer_index, "ffn"))
     b, s = trace_layer.x.shape[:2]
     if not cols:
@@ -245,7 +245,7 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
             sums.append(sq if gate is None else sq * gate)
             names += [branch_name(layer_index, "neurons", i) for i in range(groups)]
         if "ffn" in kinds:
-            sums.append(_masked_sq_sum(trace_layer.ffn_out, token_keep))
+            sums.append(_masked_sq_sum(trace_layer.ffn_output(layer_module), token_keep))
             names.append(branch_name(layer_index, "ffn"))
     if not sums:
         return names, trace_layer.x.new_zeros(0)

@@ -102,6 +102,7 @@ class PriorPenalty(TrainHook):
 
     needs_traces = True
     packed_traces = True  # the norms are sums over real tokens: a packed trace gives them without the padding
+    cls_traces = True  # and they read the FFN output through LayerTrace.ffn_output
 
     def __init__(self, lam: float, kinds: Iterable[str], neuron_group_size: int | None,
                  weights: None | str | Mapping[str, float] = "params", warmup_steps: int = 0) -> None:
