@@ -369,22 +369,22 @@ def test_branch_is_frozen():
 
 def test_gram_sums_under_bf16_autocast_accumulate_in_float32_and_return_input_dtypes():
     """_GramSums on bf16 inputs inside autocast: the value of the float32 formula on the same (bf16) numbers, and
-    gradients in the inputs' dtypes (x bf16, possibly a transposed view; G float32), equal to float32 autograd
-    of sum_t x_t^T G x_t rounded to bf16."""
+    gradients in the inputs' dtypes (x bf16, possibly a transposed view; W float32, a strided view), equal to
+    float32 autograd of sum_t ||W_k x_t||^2 rounded to bf16."""
     from minisnip.snip.norms import _GramSums
     torch.manual_seed(0)
     x = torch.randn(3, 5, 40).to(torch.bfloat16).transpose(1, 2).requires_grad_()  # (K, T=40, m=5): a view
     keep = (torch.rand(3, 40, 1) > 0.3).float()
-    g = torch.randn(3, 5, 5, requires_grad=True)
+    w = torch.randn(7, 15, requires_grad=True)  # (rows, K m), viewed (rows, K, m) as W_O and W_2 are
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        s = _GramSums.apply(x, keep, g)
+        s = _GramSums.apply(x, keep, w.view(7, 3, 5))
     assert s.dtype == torch.float32
-    x32, g32 = x.detach().float().requires_grad_(), g.detach().clone().requires_grad_()
-    ref = torch.einsum("kti,kij,ktj->k", x32 * keep, g32, x32)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = (torch.einsum("rkm,ktm->ktr", w32.view(7, 3, 5), x32).pow(2) * keep).sum(dim=(1, 2))
     torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-4)
-    w = torch.randn(3)
-    (s * w).sum().backward()
-    (ref * w).sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and g.grad.dtype == torch.float32
+    c = torch.randn(3)
+    (s * c).sum().backward()
+    (ref * c).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad, x32.grad.to(torch.bfloat16))
-    torch.testing.assert_close(g.grad, g32.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(w.grad, w32.grad, rtol=1e-5, atol=1e-4)

@@ -141,43 +141,43 @@ def token_mask(attention_mask: Tensor | None, traces: Sequence[LayerTrace]) -> T
 # --- the same, summed over a batch's real tokens: what the prior and the estimates need ------------------------
 
 class _GramSums(torch.autograd.Function):
-    """s_k = sum_t keep_kt x_kt^T G_k x_kt for blocks k: x (K, T, m) (any strides), keep (K, T, 1) of 0/1 or None,
-    G (K, m, m) -> s (K,). The Gram identity of `branch_sq_norms`, summed over tokens without a per-token
-    intermediate:
+    """s_k = sum_t keep_kt ||W_k x_kt||^2 for groups k: x (K, T, m), keep (K, T, 1) of 0/1 or None, w (rows, K, m)
+    (W_k = w[:, k, :]; any strides) -> s (K,). The Gram identity of `branch_sq_norms`, summed over tokens without a
+    per-token intermediate:
 
-        s_k = < G_k, M_k >,   M_k = sum_t keep_kt x_kt x_kt^T   (one batched matmul, (K, m, m))
+        s_k = < G_k, M_k >,   G_k = W_k^T W_k,   M_k = sum_t keep_kt x_kt x_kt^T      (two batched matmuls, (K, m, m))
 
-    and a backward of one more: ds_k/dx_kt = keep_kt (G_k + G_k^T) x_kt, ds_k/dG_k = M_k. (Autograd through
-    the per-token formula (x G) . x runs three: x G, then a gradient for each of its operands.)
+    and a backward of two more: ds_k/dx_kt = keep_kt (G_k + G_k^T) x_kt, ds_k/dW_k = W_k (M_k + M_k^T). (Autograd
+    through the per-token formula (x G) . x with G from an einsum runs five: x G and a gradient for each of its
+    operands, and one for each operand of W^T W.)
 
     Under autocast (bf16 traces on a GPU) both passes run in float32 (at least) with autocast off: a sum over
     every token of a batch wants the wider accumulator, and each gradient comes back in its input's dtype. In
     float32 or float64 the casts are no-ops."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor | None, g: Tensor) -> Tensor:
-        ctx.dtypes = (x.dtype, g.dtype)
-        wide = torch.promote_types(torch.promote_types(x.dtype, g.dtype), torch.float32)  # float64 stays
+    def forward(ctx, x: Tensor, keep: Tensor | None, w: Tensor) -> Tensor:
+        ctx.dtypes = (x.dtype, w.dtype)
+        wide = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)  # float64 stays
         with torch.autocast(x.device.type, enabled=False):
-            x, g = x.to(wide), g.to(wide)  # to() keeps a transposed view's strides
+            x, wk = x.to(wide), w.to(wide).transpose(0, 1)  # to() keeps a view's strides; wk (K, rows, m)
             xm = x if keep is None else x * keep.to(wide)
+            g = torch.bmm(wk.transpose(1, 2), wk)
             m = torch.bmm(xm.transpose(1, 2), x)
-            ctx.save_for_backward(xm, g, m)
+            ctx.save_for_backward(xm, wk, g, m)
             return (m * g).sum(dim=(1, 2))
 
     @staticmethod
     def backward(ctx, ds: Tensor):
-        xm, g, m = ctx.saved_tensors
+        xm, wk, g, m = ctx.saved_tensors
         ds = ds.to(m.dtype).view(-1, 1, 1)
-        dx = dg = None
+        dx = dw = None
         with torch.autocast(xm.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                dx = torch.empty_like(xm)  # the layout of x (for FFN activations: a transposed view), filled in place
-                torch.bmm(xm, (g + g.transpose(1, 2)) * ds, out=dx)
-                dx = dx.to(ctx.dtypes[0])
+                dx = torch.bmm(xm, (g + g.transpose(1, 2)) * ds).to(ctx.dtypes[0])
             if ctx.needs_input_grad[2]:
-                dg = (m * ds).to(ctx.dtypes[1])
-        return dx, None, dg
+                dw = torch.bmm(wk, (m + m.transpose(1, 2)) * ds).transpose(0, 1).to(ctx.dtypes[1])
+        return dx, None, dw
 
 
 def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | None,
@@ -189,7 +189,8 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
     computed without the (batch, seq, branches) intermediate: heads and neuron groups through token Gram
     matrices (`_GramSums`), blocks as masked sums of squares. mask: (batch, seq) bool, None = all real.
     A packed trace (`LayerTrace.packing`) holds the real tokens only: its FFN activations and block outputs
-    need no mask (and no work is spent on padding); the attention context keeps the batch layout and the mask.
+    need no mask (and no work is spent on padding); the attention context keeps the batch layout, and its real
+    tokens are gathered as the output projection gathers them.
     """
     kinds = check_kinds(kinds, neuron_group_size)
     names: list[str] = []
@@ -206,16 +207,13 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
         if "head" in kinds:
             ctx = trace_layer.context                                                # (B, n, S, d)
             n, d = ctx.shape[1], ctx.shape[3]
-            g = head_gram(attn).to(ctx.dtype)                                        # (n, d, d)
-            # blocks as views of ctx's memory layout, so that neither ctx nor its gradient is copied
-            if ctx.transpose(1, 2).is_contiguous():  # (B, S, n, d) in memory (attention kernels' output)
-                x = ctx.transpose(1, 2).reshape(b * s, n, d).transpose(0, 1)         # (n, tokens, d)
-                k = None if keep is None else keep.view(1, b * s, 1)
-                sq = _GramSums.apply(x, k, g)                                        # (n,)
-            else:  # (B, n, S, d): one block per (sequence, head)
-                k = None if keep is None else keep.view(b, 1, s, 1).expand(b, n, s, 1).reshape(b * n, s, 1)
-                sq = _GramSums.apply(ctx.reshape(b * n, s, d), k, g.expand(b, n, d, d).reshape(b * n, d, d))
-                sq = sq.view(b, n).sum(0)
+            w = attn.out.weight.view(attn.out.out_features, n, d)                    # W_h = w[:, h, :]
+            merged = ctx.transpose(1, 2).reshape(b, s, n * d)  # (B, S, n d): a view of the kernels' output layout
+            if packing is not None:  # the real tokens, as the projection reads them: no mask, no work on padding
+                x, k = packing.pack(merged), None
+            else:
+                x, k = merged.view(b * s, n * d), None if keep is None else keep.view(1, b * s, 1)
+            sq = _GramSums.apply(x.view(-1, n, d).transpose(0, 1), k, w)            # (n, tokens, d) -> (n,)
             gate = _block_gate_sq(attn, sq.dtype)
             sums.append(sq if gate is None else sq * gate)
             names += [branch_name(layer_index, "head", h) for h in attn.heads]
@@ -238,9 +236,11 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
                 zz = z.pow(2) if k is None else z.pow(2) * k
                 sq = zz.sum(0) * ffn.down.weight.pow(2).sum(0).to(z.dtype)
             else:
-                g = neuron_gram(ffn, size).to(z.dtype)                               # (G, g, g)
+                w = ffn.down.weight
+                w = torch.nn.functional.pad(w, (0, pad)) if pad else w
                 x = z.view(-1, groups, size).transpose(0, 1)                         # (G, tokens, g), a view
-                sq = _GramSums.apply(x, None if k is None else k.view(1, -1, 1), g)  # (G,)
+                sq = _GramSums.apply(x, None if k is None else k.view(1, -1, 1),
+                                     w.view(w.shape[0], groups, size))               # (G,)
             gate = _block_gate_sq(ffn, sq.dtype)
             sums.append(sq if gate is None else sq * gate)
             names += [branch_name(layer_index, "neurons", i) for i in range(groups)]
