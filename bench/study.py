@@ -78,9 +78,9 @@ VARIANTS: dict[str, tuple] = {
     "snip-per-param": (snip_method, {}),  # ranking by norm per parameter (RECIPE below)
     "snip-last": (snip_method, {}),  # prunes the last epoch's model, not the best one (LAST_EPOCH below)
     "snip-prox-last": (snip_method, {"prior_step": "proximal"}),
-    # not SNIP's: L0 gates that start open (log α ≈ 4.6; the default 0.5 halves every branch from the first step,
-    # which STS-B does not survive: docs/methods_structured.md)
-    "l0-open": (l0_method, {"init_drop": 0.01}),
+    # not SNIP's: L0's start before 2026-12-07 (log α = 0: every branch halved from the first step, which STS-B
+    # does not survive; the default now starts the gates open: docs/methods_structured.md)
+    "l0-closed": (l0_method, {"init_drop": 0.5}),
 }
 # variants that change the recipe's choices (PruneConfig), not SNIP's Config
 RECIPE: dict[str, dict] = {

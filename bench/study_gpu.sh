@@ -39,7 +39,7 @@ common=(--glue-dir "$glue" --model "$model" --out "$out" --device "$device" --am
 core=(sst2 mrpc stsb)
 variants=(snip-sn-const snip-sn-scale0.9 snip-sn-ffn snip-lambda1e-4 snip-lambda1e-3 snip-warmup0 snip-unweighted
           snip-prox-lambda30 snip-prox-lambda100 snip-prox-lambda1000 snip-blocks snip-per-param snip-last
-          snip-prox-last l0-open)
+          snip-prox-last l0-closed)
 phases=("--tasks ${core[*]}"
         "--tasks cola rte"
         "--tasks ${core[*]} --targets 0.5 --unstructured-targets --methods ${variants[*]}"

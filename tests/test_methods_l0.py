@@ -76,7 +76,9 @@ def test_expected_compression_is_the_compression_of_the_expected_removal(tiny_mo
 def test_lagrangian_is_zero_at_the_target_and_its_ascent_pulls_compression_toward_it(tiny_model):
     assert float(l0.lagrangian(torch.tensor(0.3), 0.3, torch.tensor(2.0), torch.tensor(5.0))) == 0.0
     model = tiny_model(minisnip.BertForSequenceClassification)
-    [hook] = l0.training_hooks(model, l0.Config(target_warmup=0.0), 0.6, 10, ("head", "neurons"), 32)
+    # gates half open (log α = 0), where a plain gradient step on log α moves ŝ visibly; from the default open
+    # start (log α ≈ 4.6) σ' is 0.002 and one step of 0.1 x gradient is below float32's resolution of ŝ
+    [hook] = l0.training_hooks(model, l0.Config(target_warmup=0.0, init_drop=0.5), 0.6, 10, ("head", "neurons"), 32)
     opt = torch.optim.AdamW(hook.param_groups())
     ids, mask = _inputs()
     ctx = StepContext(step=1, total_steps=10, epoch=1, model=model, batch={"attention_mask": mask})
