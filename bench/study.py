@@ -56,6 +56,7 @@ from minisnip.pruning.recipe import (PruneConfig, calibration_batches, dev_score
                                     recover, remove)
 from minisnip.stats import collect_stats  # noqa: E402
 from minisnip.surgery import encoder_of  # noqa: E402
+from minisnip.methods import dsp as dsp_method  # noqa: E402
 from minisnip.methods import l0 as l0_method  # noqa: E402
 from minisnip.snip import method as snip_method  # noqa: E402
 from minisnip.train import TrainConfig, fit, resolve_device  # noqa: E402
@@ -81,6 +82,9 @@ VARIANTS: dict[str, tuple] = {
     # not SNIP's: L0's start before 2026-12-07 (log α = 0: every branch halved from the first step, which STS-B
     # does not survive; the default now starts the gates open: docs/methods_structured.md)
     "l0-closed": (l0_method, {"init_drop": 0.5}),
+    # not SNIP's: DSP whose budget falls from every branch to k over the first half of the steps, so that its
+    # gates start at 1 instead of about k/N (docs/methods_structured.md)
+    "dsp-open": (dsp_method, {"budget_warmup": 0.5}),
 }
 # variants that change the recipe's choices (PruneConfig), not SNIP's Config
 RECIPE: dict[str, dict] = {

@@ -53,6 +53,26 @@ def test_temperature_anneals_geometrically_then_stays():
     assert dsp.temperature(0, cfg, 0) == 0.01
 
 
+def test_budget_warm_up_falls_from_every_branch_to_k_and_starts_with_every_gate_open(tiny_model):
+    # N = 10, k = 4, warm-up of 4 steps: 10 - round(6 s / 4) for s = 0..3, then 4
+    assert [dsp.keep_at(s, 10, 4, 4) for s in range(6)] == [10, 8, 7, 6, 4, 4]
+    assert [dsp.keep_at(s, 10, 4, 0) for s in range(3)] == [4, 4, 4]  # off: the paper's fixed budget
+    model = tiny_model(minisnip.BertForSequenceClassification)
+    [hook] = dsp.training_hooks(model, dsp.Config(budget_warmup=0.5), 0.25, 10, ("head", "neurons"), 32)
+    n = len(hook.branches)
+    seen = []
+    for step in range(1, 11):
+        hook.before_forward(StepContext(step=step, total_steps=10, epoch=1, model=model, batch={}))
+        seen.append(hook.k_now)
+        assert hook.last.sum().item() == pytest.approx(hook.k_now)  # the soft k-hot vector sums to the budget
+        if step == 1:
+            assert torch.equal(hook.last, torch.ones(n))  # k = N: every gate exactly 1, nothing scaled
+            assert torch.equal(model.bert.layers[0].attention.head_gate, torch.ones(4))
+    assert seen[0] == n and seen[5:] == [hook.k] * 5 and seen == sorted(seen, reverse=True)
+    assert hook.epoch_log()["keep"] == hook.k
+    dsp.before_removal(model, [hook])
+
+
 def test_budget_from_a_compression_target(tiny_model):
     model = tiny_model(minisnip.BertForSequenceClassification)
     heads = list_branches(model, ("head",))
@@ -118,6 +138,7 @@ def test_short_fit_then_exactly_k_heads_stay(tiny_folder, glue_fixtures_dir):
 
 def test_config_checks():
     for field, bad in [("lr", -1.0), ("init_temperature", 0.0), ("final_temperature", 2000.0),
-                       ("cooldown", 1.5), ("init_range", math.nan), ("estimator", "sparsemax")]:
+                       ("cooldown", 1.5), ("init_range", math.nan), ("estimator", "sparsemax"),
+                       ("budget_warmup", 1.0)]:
         with pytest.raises(ValueError, match=field):
             dsp.Config(**{field: bad})

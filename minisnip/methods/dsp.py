@@ -35,6 +35,11 @@ Reconstructed for minisnip:
   top-k for "ste"), written by `epoch_log`; the next step samples again.
 * cost: k sequential softmaxes over N values per step, inherent in the relaxation; measured forward +
   backward on one CPU thread: 5 ms for N = 216, k = 108 (MiniLM, 50%), 11 ms for N = 432, k = 216 (BERT-base).
+* budget warm-up (`budget_warmup`, off by default as in the paper): the budget falls linearly from k = N
+  (every gate exactly 1) to the target's k over that share of the steps (`keep_at`), as CoFi's target
+  warm-up does for L0. At τ_0 = 1000 every gate is about k/N, so without it every branch is scaled by
+  about one half from the first step at a 50% target, which STS-B does not survive
+  (docs/methods_structured.md); with it the gates start at 1 and the subset hardens as τ falls.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class Config:
     cooldown: float = 0.68  # share of the steps over which τ is annealed (25,000 of 36,816 in the paper's runs)
     estimator: str = "gumbel"  # "gumbel": Gumbel-soft top-k; "ste": straight-through hard top-k
     init_range: float = 0.5  # w ~ U(-init_range, init_range)
+    budget_warmup: float = 0.0  # share of the steps over which k falls from N (all kept) to the target's k
 
     def __post_init__(self) -> None:
         check_field(self, "lr", lambda v: v > 0, "a finite number > 0")
@@ -81,6 +87,7 @@ class Config:
                     f"a finite number in (0, init_temperature={self.init_temperature}]")
         check_field(self, "cooldown", lambda v: 0 <= v <= 1, "a share of the steps in [0, 1]")
         check_field(self, "init_range", lambda v: v >= 0, "a finite number >= 0")
+        check_field(self, "budget_warmup", lambda v: 0 <= v < 1, "a share of the steps in [0, 1)")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got estimator={self.estimator!r}")
 
@@ -133,6 +140,13 @@ def temperature(step: int, cfg: Config, cooldown_steps: int) -> float:
     return math.exp(a - step / cooldown_steps * (a - b))
 
 
+def keep_at(step: int, n: int, k: int, warmup_steps: int) -> int:
+    """The budget at a 0-based step: N - round((N - k) · step / T_w) during the budget warm-up, then k."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return k
+    return n - round((n - k) * step / warmup_steps)
+
+
 def keep_budget(model: nn.Module, branches: Sequence[Branch], target: float) -> int:
     """k: how many of `branches` may stay so that removing *any* of the others reaches `target` (module doc)."""
     if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
@@ -165,18 +179,20 @@ class SubsetGates(TrainHook):
         self.names = [b.name for b in self.branches]
         self.layout = GateLayout(model, self.branches)
         self.cooldown_steps = round(cfg.cooldown * max(1, int(total_steps)))
+        self.warmup_steps = round(cfg.budget_warmup * max(1, int(total_steps)))
         device = next(model.parameters()).device
         w = (torch.rand(len(self.branches), device=device) * 2 - 1) * cfg.init_range
         self.logits = nn.Parameter(w)
         self.tau = temperature(0, cfg, self.cooldown_steps)
+        self.k_now = keep_at(0, len(self.branches), self.k, self.warmup_steps)  # the budget of this step
         self.last: Tensor | None = None  # the gates of the last step (detached)
 
     def gates(self, sample: bool = True) -> Tensor:
-        """The relaxed k-hot gates at the current τ (sample=False: without Gumbel noise)."""
+        """The relaxed k_now-hot gates at the current τ (sample=False: without Gumbel noise)."""
         if self.cfg.estimator == "ste":
-            return hard_top_k_st(self.logits, self.k)
+            return hard_top_k_st(self.logits, self.k_now)
         noise = gumbel_noise(self.logits.detach()) if sample else None
-        return soft_top_k(self.logits, self.k, self.tau, noise)
+        return soft_top_k(self.logits, self.k_now, self.tau, noise)
 
     def param_groups(self) -> list[dict]:
         self.logits.data = self.logits.data.to(next(self.model.parameters()).device)  # fit moved the model
@@ -184,21 +200,22 @@ class SubsetGates(TrainHook):
 
     def before_forward(self, ctx: StepContext) -> None:
         self.tau = temperature(ctx.step - 1, self.cfg, self.cooldown_steps)
+        self.k_now = keep_at(ctx.step - 1, len(self.branches), self.k, self.warmup_steps)
         gates = self.gates()
         self.last = gates.detach()
         self.layout.apply(ctx.model, gates)
 
     def epoch_log(self) -> dict:
-        """Writes the noise-free gates for the evaluation that follows; reports τ, k, and `subset_agreement`:
-        the share of the last sample's k largest gates that are among the k largest logits (1: the sampled
-        subset has settled on the one `select` keeps)."""
+        """Writes the noise-free gates for the evaluation that follows; reports τ, the budget now (`keep`), and
+        `subset_agreement`: the share of the last sample's k_now largest gates that are among the k_now largest
+        logits (1: the sampled subset has settled on the one `select` keeps)."""
         with torch.no_grad():
             self.layout.apply(self.model, self.gates(sample=False).detach())
-        record = {"temperature": self.tau, "keep": self.k}
+        record = {"temperature": self.tau, "keep": self.k_now}
         if self.last is not None:
-            sampled = set(torch.topk(self.last, self.k).indices.tolist())
-            chosen = set(torch.topk(self.logits.detach(), self.k).indices.tolist())
-            record["subset_agreement"] = len(sampled & chosen) / self.k
+            sampled = set(torch.topk(self.last, self.k_now).indices.tolist())
+            chosen = set(torch.topk(self.logits.detach(), self.k_now).indices.tolist())
+            record["subset_agreement"] = len(sampled & chosen) / self.k_now
         return record
 
 
@@ -236,5 +253,5 @@ def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
 
 
 __all__ = ["Config", "DESCRIPTION", "SCHEDULED", "ESTIMATORS", "STRUCTURED", "SubsetGates", "USES_DISTILLATION",
-           "before_removal", "gumbel_noise", "hard_top_k", "hard_top_k_st", "keep_budget", "scores", "select",
+           "before_removal", "gumbel_noise", "hard_top_k", "hard_top_k_st", "keep_at", "keep_budget", "scores", "select",
            "soft_top_k", "temperature", "training_hooks"]
