@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import socket
 import statistics
@@ -402,9 +403,12 @@ def summarize(records: list[dict]) -> dict:
                     vals = [r[key] for r in rs if r.get(key) is not None]
                     return statistics.fmean(vals) if vals else None
                 scores = [r["score"] for r in rs]
+                before = [r["before_recovery"] for r in rs if r.get("before_recovery") is not None]
                 targets[target] = {"mean": statistics.fmean(scores), "n": len(scores),
                                    "std": statistics.stdev(scores) if len(scores) > 1 else None,  # one seed: none
-                                   "before_recovery": stat("before_recovery"), "compression": stat("compression"),
+                                   "before_recovery": stat("before_recovery"),
+                                   "before_std": statistics.stdev(before) if len(before) > 1 else None,
+                                   "compression": stat("compression"),
                                    "speedup": stat("speedup"), "speedup_cpu": stat("speedup_cpu"),
                                    "linear_weight_ratio": stat("linear_weight_ratio"),
                                    "metric": rs[0]["main_metric"]}
@@ -451,6 +455,62 @@ def table(summary: dict, targets: list[float]) -> str:
             out.append(f"| {row} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+BASELINES = tuple(m for m in METHODS if not m.startswith("snip"))  # the methods SNIP is measured against
+
+
+def lead(a: dict, b: dict, key: str = "mean") -> tuple[float, float | None]:
+    """a's mean minus b's (score after recovery, or `key`="before_recovery"), and the standard error of that
+    difference over seeds, sqrt(s_a²/n_a + s_b²/n_b) (None where either has one seed)."""
+    std = "std" if key == "mean" else "before_std"
+    diff = a[key] - b[key]
+    if a[std] is None or b[std] is None:
+        return diff, None
+    return diff, math.sqrt(a[std] ** 2 / a["n"] + b[std] ** 2 / b["n"])
+
+
+def _verdict(diff: float, se: float | None) -> str:
+    if se is None:
+        return "one seed"
+    return "ahead by > s.e." if diff > se else ("behind by > s.e." if diff < -se else "within the s.e.")
+
+
+def snip_lead(summary: dict, targets: list[float]) -> str:
+    """Markdown, the comparison study's goal read off the cells: per task and target, SNIP's lead after recovery
+    over each baseline (BASELINES with cells there), shown for the strongest one (the highest mean), with how many
+    baselines it leads by more than one standard error of the difference; and its lead before recovery over
+    thresholding without the prior (snip-no-prior). x100; `lead` gives the standard error."""
+    out = ["**SNIP against the baselines** (x100; lead = SNIP's mean minus the other's, after it the standard "
+           "error of that difference over seeds, sqrt(s1²/n1 + s2²/n2); strongest baseline = the highest mean after recovery; "
+           "ahead = baselines SNIP leads by more than one standard error, of those with cells there (one with a single "
+           "seed has no standard error and cannot count))", "",
+           "| task | target | snip | strongest baseline | lead after recovery | ahead | before recovery: lead over "
+           "snip-no-prior |", "|---|---|---|---|---|---|---|"]
+    rows = 0
+    for task, methods in summary.items():
+        for t in targets:
+            snip = methods.get("snip", {}).get(str(t))
+            if snip is None:
+                continue
+            leads = {b: lead(snip, methods[b][str(t)]) for b in BASELINES if str(t) in methods.get(b, {})}
+            if not leads:
+                continue
+            strongest = min(leads, key=lambda b: leads[b][0])  # the strongest baseline: the smallest lead
+            diff, se = leads[strongest]
+            ahead = sum(1 for d, e in leads.values() if e is not None and d > e)
+            nop = methods.get("snip-no-prior", {}).get(str(t))
+            if nop is not None and snip["before_recovery"] is not None and nop["before_recovery"] is not None:
+                bd, bse = lead(snip, nop, "before_recovery")
+                before = f"{100 * bd:+.1f}" + (f" ± {100 * bse:.1f}" if bse is not None else "") + f" ({_verdict(bd, bse)})"
+            else:
+                before = "–"
+            out.append(f"| {task} | {t:.0%} | {_mean_std(snip)} (n={snip['n']}) | {strongest} "
+                       f"{_mean_std(methods[strongest][str(t)])} (n={methods[strongest][str(t)]['n']}) | "
+                       f"{100 * diff:+.1f}" + (f" ± {100 * se:.1f}" if se is not None else "") +
+                       f" ({_verdict(diff, se)}) | {ahead} of {len(leads)} | {before} |")
+            rows += 1
+    return "\n".join(out) + "\n" if rows else ""
 
 
 def across_tasks(records: list[dict], summary: dict, target: float) -> str:
@@ -525,6 +585,7 @@ def write_summary(args, jsonl: Path) -> str:
     md = table(summary, targets)
     for target in [t for t in (0.5, 0.3, 0.7) if t in targets]:
         md += "\n" + across_tasks(records, summary, target)
+    md += "\n" + snip_lead(summary, [t for t in (0.3, 0.5, 0.7) if t in targets])
     args.out.with_suffix(".md").write_text(
         "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
         "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "

@@ -42,6 +42,30 @@ def test_study_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_fold
     assert " ± " not in body and summary["rte"]["snip"]["0.5"]["std"] is None  # one seed: no spread to show
 
 
+def test_snips_lead_over_the_baselines_is_read_with_the_standard_error_of_the_difference(bench_script):
+    study = bench_script("study")
+
+    def cells(method, scores, before):
+        return [{"task": "sst2", "seed": s, "method": method, "target": 0.5, "score": a, "before_recovery": b,
+                 "main_metric": "accuracy"} for s, (a, b) in enumerate(zip(scores, before), start=1)]
+    records = (cells("snip", [0.80, 0.82], [0.78, 0.80]) + cells("magnitude", [0.78, 0.80], [0.70, 0.72])
+               + cells("heads", [0.80], [0.75]) + cells("snip-no-prior", [0.78, 0.79], [0.60, 0.66]))
+    summary = study.summarize(records)
+    snip, mag = summary["sst2"]["snip"]["0.5"], summary["sst2"]["magnitude"]["0.5"]
+    diff, se = study.lead(snip, mag)
+    # both std = 0.01·sqrt(2), n = 2: se = sqrt(0.0002/2 + 0.0002/2) = 0.01414
+    assert diff == pytest.approx(0.02) and se == pytest.approx(0.02 ** 0.5 / 10)
+    assert study.lead(snip, summary["sst2"]["heads"]["0.5"]) == (pytest.approx(0.01), None)  # one seed: no s.e.
+    bd, bse = study.lead(snip, summary["sst2"]["snip-no-prior"]["0.5"], "before_recovery")
+    assert bd == pytest.approx(0.16) and bse == pytest.approx((0.0002 / 2 + 0.0018 / 2) ** 0.5)
+    md = study.snip_lead(summary, [0.3, 0.5])
+    [row] = [line for line in md.splitlines() if line.startswith("| sst2")]  # no snip cell at 30%: no row
+    # the strongest baseline by mean (heads, one seed: no s.e.), and one of two baselines led by more than the s.e.
+    # (magnitude: +2.0 against 1.4; heads cannot count)
+    assert "| heads 80.0 (n=1) | +1.0 (one seed) |" in row and "| 1 of 2 |" in row and "+16.0 ± 3.2 (ahead by > s.e.)" in row
+    assert study.snip_lead(study.summarize(cells("heads", [0.8], [0.7])), [0.5]) == ""  # no snip: no table
+
+
 def test_max_train_takes_a_count_or_all(bench_script):
     study = bench_script("study")
     assert study._max_train("all") is None and study._max_train("4000") == 4000
