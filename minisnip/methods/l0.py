@@ -39,9 +39,9 @@ Reconstructed where the papers (or this library) leave a choice:
   ∂L_c/∂ŝ = λ1 + 2 λ2 (ŝ - t) < 0, and descent on log α raises ŝ. λ2 only grows ((ŝ - t)² ≥ 0).
 * learning rates: 0.1 for log α and λ (CoFi uses 0.01 over 20 epochs; minisnip's runs are a few epochs,
   and at 0.01 a gate cannot close in a few hundred steps). Both groups follow fit's warm-up/decay schedule.
-  Measured on the tiny test model (SST-2 fixture, 200 steps, target 0.5, warm-up 0.2): ŝ overshoots to
-  0.68, then settles at 0.506 as the learning rates decay; with `lambda_lr` 0.01: 0.59, then 0.52
-  (docs/methods_structured.md has the table).
+  Measured on the tiny test model (SST-2 fixture, 200 steps, target 0.5, warm-up 0.2, `init_drop` 0.5):
+  ŝ overshoots to 0.68, then settles at 0.506 as the learning rates decay; with `lambda_lr` 0.01: 0.59,
+  then 0.52 (docs/methods_structured.md has the table).
 * initialisation: log α = log((1 - p)/p) with p = `init_drop` = 0.01 (log α ≈ 4.6: the gates start open, as
   CoFi's code opens its head gates at log α = 10), plus N(0, 0.01²) noise; log α is clamped to
   ±`log_alpha_limit` = log 100 after each step (the range of the `constrain_parameters` in CoFi's L0
