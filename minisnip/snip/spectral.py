@@ -186,17 +186,27 @@ class _Rescale(torch.autograd.Function):
         dL/dW_b = s_b G_b + a_b <G_b, W_b> u_b v_b^T,   a_b = -c_b / σ̂_b^2 where c_b / σ̂_b <= 1 (the cap acts;
                                                            clamp's gradient passes at equality), else 0
 
-    (σ̂_b floored at eps as in spectral_rescale; a = 0 where σ̂_b < eps). Tested equal to autograd in float64."""
+    (σ̂_b floored at eps as in spectral_rescale; a = 0 where σ̂_b < eps). Tested equal to autograd in float64.
+
+    Where the cap acts on no block (c_b / σ̂_b > 1 for every b: s_b = 1, a_b = 0), W_SN = W and dL/dW = G exactly,
+    so W itself is returned and G passed on, without the copy of W and the three passes over G. With the default
+    bound most matrices are below their cap at any step (docs/snip.md). Asked on the CPU only: on a GPU the
+    question would wait for the device, and its memory makes the copies cheap."""
 
     @staticmethod
     def forward(ctx, mats: Tensor, u: Tensor, v: Tensor, bound: Tensor, eps: float) -> Tensor:
         sigma = torch.einsum("br,brc,bc->b", u, mats, v)
-        ctx.save_for_backward(mats, u, v, bound, sigma)
         ctx.eps = eps
+        ctx.uncapped = mats.device.type == "cpu" and bool((bound / sigma.clamp_min(eps) > 1).all())
+        if ctx.uncapped:
+            return mats  # W · min(1, c/σ̂) = W · 1, bit for bit
+        ctx.save_for_backward(mats, u, v, bound, sigma)
         return spectral_rescale(mats, sigma, bound, eps)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.uncapped:
+            return grad, None, None, None, None
         mats, u, v, bound, sigma = ctx.saved_tensors
         s = sigma.clamp_min(ctx.eps)
         ratio = bound / s
