@@ -66,6 +66,17 @@ def test_snips_lead_over_the_baselines_is_read_with_the_standard_error_of_the_di
     assert study.snip_lead(study.summarize(cells("heads", [0.8], [0.7])), [0.5]) == ""  # no snip: no table
 
 
+def test_share_of_dense_averages_over_sst2_mrpc_stsb_and_shows_cola_beside(bench_script):
+    study = bench_script("study")
+    records = [{"task": t, "seed": 1, "method": m, "target": target, "score": score, "before_recovery": score,
+                "main_metric": "x"}
+               for t, dense, pruned in (("sst2", 0.8, 0.76), ("mrpc", 0.8, 0.8), ("cola", 0.2, 0.1))
+               for m, target, score in (("dense", 0.0, dense), ("snip", 0.5, pruned))]
+    md = study.across_tasks(records, study.summarize(records), 0.5)
+    assert "then over sst2, mrpc)" in md and "| snip | 76.0 (n=1) [76.0] | 80.0 (n=1) [80.0] | 10.0 (n=1) [10.0] |" in md
+    assert md.rstrip().endswith("| 97.5% |")  # (0.95 + 1.0) / 2: CoLA's 0.5 is shown, not averaged
+
+
 def test_max_train_takes_a_count_or_all(bench_script):
     study = bench_script("study")
     assert study._max_train("all") is None and study._max_train("4000") == 4000
