@@ -117,7 +117,8 @@ def test_log_every_defaults_per_device_and_refuses_nonsense():
 # --- no host synchronisation inside a training step ------------------------------------------------------------
 def _on_host() -> bool:
     """Whether the op runs on tensors that stay on the host in a GPU run too (see SyncCounter)."""
-    return any("torch/optim/" in f.filename or f.name == "check_on_host" for f in traceback.extract_stack(limit=14))
+    return any("torch/optim/" in f.filename or f.name in ("check_on_host", "_uncapped_on_cpu")
+               for f in traceback.extract_stack(limit=14))
 
 
 class SyncCounter(TorchDispatchMode):
@@ -126,7 +127,8 @@ class SyncCounter(TorchDispatchMode):
     .tolist(), .cpu() and .numpy() of a CPU tensor are not dispatched: `watch_host_copies` counts them (as
     "host copy") by wrapping those Tensor methods for the test. Not counted, because they touch host tensors on
     a GPU run too and never wait for it: AdamW reading its step counters (torch keeps them on the host unless
-    capturable), and `BertModel.check_on_host`, which checks and packs the batch before it moves."""
+    capturable), `BertModel.check_on_host`, which checks and packs the batch before it moves, and SN's
+    `spectral._uncapped_on_cpu`, which reads σ̂ back on the CPU only (a GPU run never asks)."""
 
     SYNCING = ("aten._local_scalar_dense", "aten.nonzero")
 

@@ -228,7 +228,8 @@ def test_init_scale_puts_every_cap_that_share_below_sigma():
 def test_hand_written_backward_equals_autograd_through_spectral_rescale(bound):
     """SpectralNorm's backward (_Rescale: s G + a <G, W> u v^T) == autograd through spectral_rescale(W, sigma(W), c),
     float64, QKV blocks and single matrices, with the cap acting (c = 0.05 < σ), not acting (1e3), and c = σ̂
-    exactly (where clamp's gradient still passes), and an all-zero block; values bit-for-bit spectral_rescale's."""
+    exactly (where clamp's gradient still passes), and an all-zero block; values bit-for-bit spectral_rescale's,
+    and W itself (no copy) where the cap acts on no block."""
     from minisnip.snip.spectral import spectral_rescale
     torch.manual_seed(0)
     model = BertModel(small_config()).double()
@@ -253,6 +254,10 @@ def test_hand_written_backward_equals_autograd_through_spectral_rescale(bound):
         (ref_dW,) = torch.autograd.grad((ref * G).sum(), W)
         assert torch.equal(got, ref)
         torch.testing.assert_close(dW, ref_dW, rtol=1e-12, atol=1e-12)
+        # where the cap acts on no block (1e3; the all-zero block, unless its bound was set to its σ̂ = 0), W itself
+        # comes back: no copy on the CPU
+        uncapped = bound == 1e3 or (linear is model.layers[1].ffn.down and bound != "equal")
+        assert (got.data_ptr() == W.data_ptr()) == uncapped
         sn.train(True)
 
 

@@ -178,6 +178,12 @@ class SpectralNorm(nn.Module):
         return f"blocks={self.blocks}, bound=[{c}], n_power_iterations={self.n_power_iterations}"
 
 
+def _uncapped_on_cpu(sigma: Tensor, bound: Tensor, eps: float) -> bool:
+    """Whether the cap acts on no block (c_b / σ̂_b > 1 for every b), asked on the CPU only: there reading σ̂
+    back costs nothing, while on a GPU the host would wait for the device (there the full rescaling runs)."""
+    return sigma.device.type == "cpu" and bool((bound / sigma.clamp_min(eps) > 1).all())
+
+
 class _Rescale(torch.autograd.Function):
     """spectral_rescale(W, σ̂, c) with σ̂_b = u_b^T W_b v_b (u, v constants, as `SpectralNorm.sigma`): the same
     values (it calls both), and by hand the gradient autograd takes through them, without its four weight-sized
@@ -197,7 +203,7 @@ class _Rescale(torch.autograd.Function):
     def forward(ctx, mats: Tensor, u: Tensor, v: Tensor, bound: Tensor, eps: float) -> Tensor:
         sigma = torch.einsum("br,brc,bc->b", u, mats, v)
         ctx.eps = eps
-        ctx.uncapped = mats.device.type == "cpu" and bool((bound / sigma.clamp_min(eps) > 1).all())
+        ctx.uncapped = _uncapped_on_cpu(sigma, bound, eps)
         if ctx.uncapped:
             return mats  # W · min(1, c/σ̂) = W · 1, bit for bit
         ctx.save_for_backward(mats, u, v, bound, sigma)
@@ -206,7 +212,7 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         if ctx.uncapped:
-            return grad, None, None, None, None
+            return (grad, None, None, None, None)  # W_SN = W: the gradient passes unchanged
         mats, u, v, bound, sigma = ctx.saved_tensors
         s = sigma.clamp_min(ctx.eps)
         ratio = bound / s
