@@ -399,11 +399,14 @@ def summarize(records: list[dict]) -> dict:
     for task, rows in out.items():
         for row, targets in rows.items():
             for target, rs in targets.items():
+                def values(key):
+                    return [r[key] for r in rs if r.get(key) is not None]
+
                 def stat(key):
-                    vals = [r[key] for r in rs if r.get(key) is not None]
+                    vals = values(key)
                     return statistics.fmean(vals) if vals else None
                 scores = [r["score"] for r in rs]
-                before = [r["before_recovery"] for r in rs if r.get("before_recovery") is not None]
+                before = values("before_recovery")
                 targets[target] = {"mean": statistics.fmean(scores), "n": len(scores),
                                    "std": statistics.stdev(scores) if len(scores) > 1 else None,  # one seed: none
                                    "before_recovery": stat("before_recovery"),
@@ -470,10 +473,12 @@ def lead(a: dict, b: dict, key: str = "mean") -> tuple[float, float | None]:
     return diff, math.sqrt(a[std] ** 2 / a["n"] + b[std] ** 2 / b["n"])
 
 
-def _verdict(diff: float, se: float | None) -> str:
+def _lead_text(diff: float, se: float | None) -> str:
+    """'+2.0 ± 1.4 (ahead by > s.e.)' x100, or '+2.0 (one seed)' where there is no standard error."""
     if se is None:
-        return "one seed"
-    return "ahead by > s.e." if diff > se else ("behind by > s.e." if diff < -se else "within the s.e.")
+        return f"{100 * diff:+.1f} (one seed)"
+    verdict = "ahead by > s.e." if diff > se else ("behind by > s.e." if diff < -se else "within the s.e.")
+    return f"{100 * diff:+.1f} ± {100 * se:.1f} ({verdict})"
 
 
 def snip_lead(summary: dict, targets: list[float]) -> str:
@@ -501,14 +506,12 @@ def snip_lead(summary: dict, targets: list[float]) -> str:
             ahead = sum(1 for d, e in leads.values() if e is not None and d > e)
             nop = methods.get("snip-no-prior", {}).get(str(t))
             if nop is not None and snip["before_recovery"] is not None and nop["before_recovery"] is not None:
-                bd, bse = lead(snip, nop, "before_recovery")
-                before = f"{100 * bd:+.1f}" + (f" ± {100 * bse:.1f}" if bse is not None else "") + f" ({_verdict(bd, bse)})"
+                before = _lead_text(*lead(snip, nop, "before_recovery"))
             else:
                 before = "–"
             out.append(f"| {task} | {t:.0%} | {_mean_std(snip)} (n={snip['n']}) | {strongest} "
                        f"{_mean_std(methods[strongest][str(t)])} (n={methods[strongest][str(t)]['n']}) | "
-                       f"{100 * diff:+.1f}" + (f" ± {100 * se:.1f}" if se is not None else "") +
-                       f" ({_verdict(diff, se)}) | {ahead} of {len(leads)} | {before} |")
+                       f"{_lead_text(diff, se)} | {ahead} of {len(leads)} | {before} |")
             rows += 1
     return "\n".join(out) + "\n" if rows else ""
 
