@@ -46,6 +46,25 @@ def test_gradient_reaches_the_logits_for_both_estimators():
     assert torch.equal(w.grad, target)  # straight through: the identity
 
 
+def test_the_gradient_outgrows_float32_where_near_ties_chain_so_the_logits_are_float64(tiny_model):
+    # hand-made: 160 logits 3τ apart, k = 120, τ = 1e-3. Each softmax chooses an entry only in part, a later one
+    # chooses it again, and every such link multiplies the derivative by about 1/τ: the exact gradient is ~1e41
+    n, k, tau = 160, 120, 1e-3
+    upstream = torch.linspace(-1, 1, n)
+    w64 = (-torch.arange(n, dtype=torch.float64) * 3 * tau).requires_grad_()
+    dsp.soft_top_k(w64, k, tau).backward(upstream.double())
+    assert torch.isfinite(w64.grad).all() and w64.grad.abs().max() > torch.finfo(torch.float32).max
+    w32 = w64.detach().float().requires_grad_()
+    dsp.soft_top_k(w32, k, tau).backward(upstream)
+    assert not torch.isfinite(w32.grad).all()  # what float32 logits got: inf, then NaN after the Adam step
+    # so the hook keeps its logits in float64 and writes the gates in the model's dtype
+    model = tiny_model(minisnip.BertForSequenceClassification)
+    [hook] = dsp.training_hooks(model, dsp.Config(), 0.25, 10, ("head",), 32)
+    assert hook.logits.dtype == torch.float64
+    hook.before_forward(StepContext(step=1, total_steps=10, epoch=1, model=model, batch={}))
+    assert model.bert.layers[0].attention.head_gate.dtype == torch.float32
+
+
 def test_temperature_anneals_geometrically_then_stays():
     cfg = dsp.Config(init_temperature=100.0, final_temperature=1e-2)
     taus = [dsp.temperature(s, cfg, 4) for s in range(6)]

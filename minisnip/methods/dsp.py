@@ -30,7 +30,10 @@ Reconstructed for minisnip:
   meet the target; with branches of equal size this is exact, with heads (4Hd + 3d) and groups (4Hd + 2d)
   it errs by at most one branch; emptied blocks remove their bias too, so the compression only rises.
 * the relaxation runs in float64 (as the authors' code does) and clamps 1 - p at the smallest float64 before
-  the log, so a chosen entry drops out without producing -inf·0.
+  the log, so a chosen entry drops out without producing -inf·0. The logits themselves are float64 too: once
+  they spread (Adam at lr 0.5) and τ is small, an entry can be chosen partly in one softmax and again in a
+  later one, each time multiplying its derivative by about 1/τ, and the exact gradient outgrows float32
+  (3.4e38; inf, then NaN after the Adam step). The gates are cast to the model's dtype only when written.
 * evaluation during fit (end of each epoch) uses the noise-free relaxation at the current τ (the hard
   top-k for "ste"), written by `epoch_log`; the next step samples again.
 * cost: k sequential softmaxes over N values per step, inherent in the relaxation; measured forward +
@@ -180,19 +183,20 @@ class SubsetGates(TrainHook):
         self.layout = GateLayout(model, self.branches)
         self.cooldown_steps = round(cfg.cooldown * max(1, int(total_steps)))
         self.warmup_steps = round(cfg.budget_warmup * max(1, int(total_steps)))
-        device = next(model.parameters()).device
-        w = (torch.rand(len(self.branches), device=device) * 2 - 1) * cfg.init_range
-        self.logits = nn.Parameter(w)
+        weight = next(model.parameters())
+        self.dtype = weight.dtype  # of the gates written into the model
+        w = (torch.rand(len(self.branches), device=weight.device) * 2 - 1) * cfg.init_range
+        self.logits = nn.Parameter(w.double())  # float64: the gradient can outgrow float32 (module doc)
         self.tau = temperature(0, cfg, self.cooldown_steps)
         self.k_now = keep_at(0, len(self.branches), self.k, self.warmup_steps)  # the budget of this step
         self.last: Tensor | None = None  # the gates of the last step (detached)
 
     def gates(self, sample: bool = True) -> Tensor:
-        """The relaxed k_now-hot gates at the current τ (sample=False: without Gumbel noise)."""
+        """The relaxed k_now-hot gates at the current τ (sample=False: without Gumbel noise), in the model's dtype."""
         if self.cfg.estimator == "ste":
-            return hard_top_k_st(self.logits, self.k_now)
-        noise = gumbel_noise(self.logits.detach()) if sample else None
-        return soft_top_k(self.logits, self.k_now, self.tau, noise)
+            return hard_top_k_st(self.logits, self.k_now).to(self.dtype)
+        noise = gumbel_noise(self.logits.detach().float()) if sample else None  # float32 draws, as before 2026-12-07
+        return soft_top_k(self.logits, self.k_now, self.tau, noise).to(self.dtype)
 
     def param_groups(self) -> list[dict]:
         self.logits.data = self.logits.data.to(next(self.model.parameters()).device)  # fit moved the model
