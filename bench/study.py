@@ -483,7 +483,7 @@ def _lead_text(diff: float, se: float | None) -> str:
 
 def snip_lead(summary: dict, targets: list[float]) -> str:
     """Markdown, the comparison study's goal read off the cells: per task and target, SNIP's lead after recovery
-    over each baseline (BASELINES with cells there), shown for the strongest one (the highest mean), with how many
+    over each baseline (BASELINES with cells there, with and without distillation), shown for the strongest one (the highest mean), with how many
     baselines it leads by more than one standard error of the difference; and its lead before recovery over
     thresholding without the prior (snip-no-prior). x100; `lead` gives the standard error."""
     out = ["**SNIP against the baselines** (x100; lead = SNIP's mean minus the other's, after it the standard "
@@ -498,7 +498,8 @@ def snip_lead(summary: dict, targets: list[float]) -> str:
             snip = methods.get("snip", {}).get(str(t))
             if snip is None:
                 continue
-            leads = {b: lead(snip, methods[b][str(t)]) for b in BASELINES if str(t) in methods.get(b, {})}
+            leads = {b: lead(snip, v[str(t)]) for b, v in methods.items()
+                     if b.removesuffix(" +distill") in BASELINES and str(t) in v}  # distilled ones are baselines too
             if not leads:
                 continue
             strongest = min(leads, key=lambda b: leads[b][0])  # the strongest baseline: the smallest lead

@@ -64,6 +64,11 @@ def test_snips_lead_over_the_baselines_is_read_with_the_standard_error_of_the_di
     # (magnitude: +2.0 against 1.4; heads cannot count)
     assert "| heads 80.0 (n=1) | +1.0 (one seed) |" in row and "| 1 of 2 |" in row and "+16.0 ± 3.2 (ahead by > s.e.)" in row
     assert study.snip_lead(study.summarize(cells("heads", [0.8], [0.7])), [0.5]) == ""  # no snip: no table
+    # a distilled baseline is a baseline too (where its paper distils, that is the method as published)
+    distilled = [dict(r, distill=True) for r in cells("magnitude", [0.83, 0.83], [0.80, 0.80])]
+    md = study.snip_lead(study.summarize(records + distilled), [0.5])
+    [row] = [line for line in md.splitlines() if line.startswith("| sst2")]
+    assert "| magnitude +distill 83.0 ± 0.0 (n=2) | -2.0 ± 1.0 (behind by > s.e.) | 1 of 3 |" in row
 
 
 def test_share_of_dense_averages_over_sst2_mrpc_stsb_and_shows_cola_beside(bench_script):
