@@ -309,12 +309,11 @@ class Study:
             history, hooks = finetune_with(model, self.tokenizer, data, module, module.Config(**overrides),
                                            self.prune_cfg(cell), train_cfg, teacher=teacher,
                                            restore_best=False if cell.method in LAST_EPOCH else None)
-            if cell.method in LAST_EPOCH:  # the model is the last epoch's: so is its dense score
-                history.best_metrics, history.best_epoch = history.epochs[-1]["dev"], history.epochs[-1]["epoch"]
         seconds = time.perf_counter() - t0
         calib = calibration_batches(data.train, self.tokenizer, PruneConfig().calibration_examples,
                                     train_cfg.eval_batch_size, cell.seed)
-        self.trained[key] = Trained(model, hooks, history.best_metrics, seconds, history.best_epoch,
+        # the model as fine-tuning left it: the best epoch, or the last for a scheduled method or a LAST_EPOCH variant
+        self.trained[key] = Trained(model, hooks, history.kept_metrics, seconds, history.kept_epoch,
                                     activation_spread(model, calib))
         return self.trained[key]
 

@@ -315,6 +315,17 @@ class History:
     train_cpu_seconds: float = 0.0  # process CPU time of the training epochs (evaluation excluded)
     train_examples: int = 0
     train_tokens: int = 0
+    restored_best: bool = False  # fit loaded the best epoch's weights back (restore_best); else the last epoch's stay
+
+    @property
+    def kept_epoch(self) -> int | None:
+        """The epoch whose weights the model holds after fit: the best one where fit restored it, else the last."""
+        return self.best_epoch if self.restored_best or not self.epochs else self.epochs[-1]["epoch"]
+
+    @property
+    def kept_metrics(self) -> dict | None:
+        """The dev scores of the model as fit left it (`kept_epoch`'s), not those of a better epoch it did not keep."""
+        return self.best_metrics if self.restored_best or not self.epochs else self.epochs[-1]["dev"]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -430,6 +441,7 @@ def fit(model: BertForSequenceClassification, tokenizer: Tokenizer, task: GlueTa
     distributed.unwrap(net)
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
+        history.restored_best = True
     return history
 
 

@@ -121,6 +121,29 @@ def test_after_step_hook_sees_every_step_and_changes_no_result(tiny_folder, glue
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def test_kept_metrics_are_those_of_the_model_fit_leaves(tiny_folder, glue_fixtures_dir):
+    from minisnip.pruning.recipe import dev_scores
+    from minisnip.train import History
+    # by hand: the best epoch is the first; without a restore the model holds the last one's weights
+    epochs = [{"epoch": 1, "dev": {"dev": {"accuracy": 0.9}}}, {"epoch": 2, "dev": {"dev": {"accuracy": 0.5}}}]
+    h = History(epochs=epochs, best_epoch=1, best_metrics=epochs[0]["dev"])
+    assert (h.kept_epoch, h.kept_metrics) == (2, epochs[1]["dev"])
+    h.restored_best = True
+    assert (h.kept_epoch, h.kept_metrics) == (1, epochs[0]["dev"])
+    # and fit says which it did: the kept scores are what the model scores after fit
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("sst2", tokenizer, glue_fixtures_dir, max_length=32)
+    for restore in (True, False):
+        torch.manual_seed(0)
+        model = load_classifier(tiny_folder, data.task)
+        history = fit(model, tokenizer, data.task, data.train, {"dev": data.dev["dev"]}, quick_cfg(epochs=3),
+                      restore_best=restore)
+        assert history.restored_best is restore
+        assert history.kept_epoch == (history.best_epoch if restore else 3)
+        now = dev_scores(model, tokenizer, data)["dev"]["accuracy"]
+        assert now == pytest.approx(history.kept_metrics["dev"]["accuracy"], abs=1e-6)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tiny_folder, glue_fixtures_dir, tmp_path):
     tokenizer = minisnip.load_tokenizer(tiny_folder)
     data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)

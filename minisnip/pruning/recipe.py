@@ -244,8 +244,9 @@ def prune(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: Module
         check_reachable(model, cfg)
     dense_config = BertConfig.from_dict(model.config.to_dict())
     history, hooks = finetune_with(model, tokenizer, data, method, method_cfg, cfg, train_cfg, extra_hooks, teacher)
-    dev = {"finetuned": history.best_metrics,  # fit restored the best epoch: these are its dev scores
-           "finetune_history": history.to_dict()}
+    # the model as fine-tuning left it: the best epoch, or for a scheduled method the last (the one at the target)
+    dev = {"finetuned": history.kept_metrics, "finetuned_epoch": history.kept_epoch,
+           "finetuned_kept": "best" if history.restored_best else "last", "finetune_history": history.to_dict()}
     if not cfg.prunes:
         return PruneOutcome(scores={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, dev=dev)
     outcome = remove(model, tokenizer, data, method, hooks, cfg, train_cfg, dense_config)
@@ -358,7 +359,8 @@ def format_prune_result(result: dict) -> str:
     lines = [f"{result['task']} | {result['method']} | model {short_name(result['model'])} | train examples "
              f"{result['data']['train_examples']} | {result['wall_seconds']:.0f} s",
              f"{'stage':<26} {main + ' (x100)':>14}",
-             f"{'fine-tuned (dense)':<26} {100 * s['finetuned'][split][main]:>14.2f}"]
+             f"{'fine-tuned (dense)' if s.get('finetuned_kept', 'best') == 'best' else 'fine-tuned (last epoch)':<26} "
+             f"{100 * s['finetuned'][split][main]:>14.2f}"]
     if "pruned_before_recovery" in s:
         lines.append(f"{'pruned, before recovery':<26} {100 * s['pruned_before_recovery'][split][main]:>14.2f}")
         lines.append(f"{'pruned + recovery':<26} {100 * s['pruned'][split][main]:>14.2f}")
