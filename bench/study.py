@@ -482,9 +482,10 @@ def _lead_text(diff: float, se: float | None) -> str:
 
 def snip_lead(summary: dict, targets: list[float]) -> str:
     """Markdown, the comparison study's goal read off the cells: per task and target, SNIP's lead after recovery
-    over each baseline (BASELINES with cells there, with and without distillation), shown for the strongest one (the highest mean), with how many
-    baselines it leads by more than one standard error of the difference; and its lead before recovery over
-    thresholding without the prior (snip-no-prior). x100; `lead` gives the standard error."""
+    over each baseline (BASELINES with cells there, with and without distillation), shown for the strongest one
+    (the highest mean), with how many baselines it leads by more than one standard error of the difference; and
+    its lead before recovery over thresholding without the prior (snip-no-prior). x100; `lead` gives the
+    standard error."""
     out = ["**SNIP against the baselines** (x100; lead = SNIP's mean minus the other's, after it the standard "
            "error of that difference over seeds, sqrt(s1²/n1 + s2²/n2); strongest baseline = the highest mean after recovery; "
            "ahead = baselines SNIP leads by more than one standard error, of those with cells there (one with a single "
