@@ -246,7 +246,7 @@ def prune(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: Module
     history, hooks = finetune_with(model, tokenizer, data, method, method_cfg, cfg, train_cfg, extra_hooks, teacher)
     # the model as fine-tuning left it: the best epoch, or for a scheduled method the last (the one at the target)
     dev = {"finetuned": history.kept_metrics, "finetuned_epoch": history.kept_epoch,
-           "finetuned_kept": "best" if history.restored_best else "last", "finetune_history": history.to_dict()}
+           "finetune_history": history.to_dict()}  # which epoch was kept: its `restored_best`
     if not cfg.prunes:
         return PruneOutcome(scores={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, dev=dev)
     outcome = remove(model, tokenizer, data, method, hooks, cfg, train_cfg, dense_config)
@@ -356,10 +356,11 @@ def format_prune_result(result: dict) -> str:
     s = result["scores"]
     split = next(iter(s["finetuned"]))
     main = result["main_metric"]
+    restored = s.get("finetune_history", {}).get("restored_best", True)  # results written before it: the best epoch
     lines = [f"{result['task']} | {result['method']} | model {short_name(result['model'])} | train examples "
              f"{result['data']['train_examples']} | {result['wall_seconds']:.0f} s",
              f"{'stage':<26} {main + ' (x100)':>14}",
-             f"{'fine-tuned (dense)' if s.get('finetuned_kept', 'best') == 'best' else 'fine-tuned (last epoch)':<26} "
+             f"{'fine-tuned (dense)' if restored else 'fine-tuned (last epoch)':<26} "
              f"{100 * s['finetuned'][split][main]:>14.2f}"]
     if "pruned_before_recovery" in s:
         lines.append(f"{'pruned, before recovery':<26} {100 * s['pruned_before_recovery'][split][main]:>14.2f}")
