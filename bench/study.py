@@ -17,7 +17,9 @@ from one queue instead (bench/study_gpu.sh runs a GPU's worth of them). Before i
 the total time from a short measurement of training throughput. Records hold the final score, the score before
 recovery, the compression reached, and for structured methods the measured inference speedup of the pruned model
 over dense (one 32 x 128 batch, 5 interleaved rounds) next to the ratio of linear-layer weights (the FLOP ratio of the
-matmuls). `--summarize` writes <out>.json, <out>.md (mean ± std, best per column in bold) and one figure per task.
+matmuls). `--summarize` writes <out>.json, <out>.md (mean ± std, best per column in bold) and one figure per task;
+`--readme README.md` also puts the 50% table and SNIP's lead table into that file, between its
+`<!-- study-table ... -->` and `<!-- study-lead-table ... -->` markers (README_BLOCKS).
 
     python bench/study.py --glue-dir ../shared/data/glue --out bench/results/study            # the full study
     python bench/study.py --glue-dir ../shared/data/glue --quick --out bench/out/study_quick  # minutes
@@ -583,6 +585,53 @@ def figures(summary: dict, out: Path) -> list[Path]:
     return paths
 
 
+# README blocks the summary keeps true: marker name -> the heading of the study.md section whose table goes there
+README_BLOCKS = {"study-table": "**50% on every task**", "study-lead-table": "**SNIP against the baselines**"}
+
+
+def _block_span(text: str, name: str, path: Path) -> tuple[int, int]:
+    """Where the lines between `<!-- name ... -->` and `<!-- /name -->` start and end in `text`."""
+    start = text.find(f"<!-- {name}")
+    opened = text.find("-->\n", start) + len("-->\n") if start >= 0 else -1
+    end = text.find(f"<!-- /{name} -->", max(opened, 0))
+    if start < 0 or opened < len("-->\n") or end < 0:
+        raise ValueError(f"{path}: no `<!-- {name} ... -->` ... `<!-- /{name} -->` block to write the study's table into")
+    return opened, end
+
+
+def check_readme(path: Path) -> None:
+    """Refuse (before any cell runs) a --readme that lacks one of README_BLOCKS's markers."""
+    if not path.is_file():
+        raise ValueError(f"--readme {path}: no such file")
+    text = path.read_text()
+    for name in README_BLOCKS:
+        _block_span(text, name, path)
+
+
+def sync_readme(path: Path, md: str) -> None:
+    """Replace each README_BLOCKS block of `path` with the table that follows its heading in `md` (the summary's
+    markdown); the file is written whole, atomically, and only after every block is found."""
+    text = path.read_text()
+    tables = {}
+    for name, heading in README_BLOCKS.items():
+        lines = md[md.index(heading):].splitlines()[1:] if heading in md else []
+        rows = []
+        for line in lines:
+            if line.startswith("|"):
+                rows.append(line)
+            elif rows:
+                break
+        if not rows:
+            raise ValueError(f"the study's summary has no table under {heading!r} for {path}'s {name} block")
+        tables[name] = "\n".join(rows) + "\n"
+    for name, rows in tables.items():
+        opened, end = _block_span(text, name, path)
+        text = text[:opened] + rows + text[end:]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_summary(args, jsonl: Path) -> str:
     records = read_records(jsonl)
     summary = summarize(records)
@@ -603,6 +652,8 @@ def write_summary(args, jsonl: Path) -> str:
         f"Settings: {settings}\n\n{md}\n")
     if records:
         figures(summary, args.out)
+    if args.readme is not None:
+        sync_readme(args.readme, md)
     return md
 
 
@@ -660,7 +711,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a few minutes: SST-2, 1 seed, 200 examples, 1 epoch, 50%%")
     p.add_argument("--summarize", action="store_true", help="only write <out>.json/.md/figures from <out>.jsonl")
     p.add_argument("--out", type=Path, default=Path("bench/results/study"))
+    p.add_argument("--readme", type=Path, default=None,
+                   help="also write the 50%% table and SNIP's lead table into this file's marked blocks "
+                        "(README_BLOCKS), e.g. README.md")
     args = p.parse_args(argv)
+    if args.readme is not None:
+        try:
+            check_readme(args.readme)
+        except ValueError as e:
+            p.error(str(e))
     if args.quick:
         args.tasks, args.seeds, args.targets, args.unstructured_targets = ["sst2"], [1], [0.5], []
         args.max_train, args.epochs, args.max_length = 200, 1, 64

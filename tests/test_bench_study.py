@@ -189,3 +189,34 @@ def test_estimate_counts_prior_trainings_at_their_own_speed(bench_script):
     want = 3 * 100 / plain + 3 * 100 / prior + 2 * 100 / plain
     assert study.estimate_seconds(cells, args, plain, prior) == pytest.approx(want)
     assert study.estimate_seconds(cells, args, plain) == pytest.approx((3 + 3 + 2) * 100 / plain)
+
+
+def test_readme_blocks_get_the_summarys_tables_and_a_readme_without_them_is_refused(tmp_path, bench_script):
+    study = bench_script("study")
+    out = tmp_path / "study"
+    records = [{"task": "sst2", "seed": s, "method": m, "target": target, "distill": False, "score": score,
+                "before_recovery": score, "main_metric": "accuracy"}
+               for s in (1, 2) for m, target, score in (("dense", 0.0, 0.85), ("snip", 0.5, 0.83 + s / 100),
+                                                         ("magnitude", 0.5, 0.82), ("snip-no-prior", 0.5, 0.8))]
+    out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- study-table: the 50% table -->\nold\n<!-- /study-table -->\nmiddle\n"
+                      "<!-- study-lead-table: lead -->\n| old |\n<!-- /study-lead-table -->\nend\n")
+    argv = ["--glue-dir", str(tmp_path), "--summarize", "--out", str(out), "--readme", str(readme)]
+    assert study.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- study-table: the 50% table -->\n| method | sst2 | share of dense |")
+    assert "| snip | 84.5 ± 0.7 (n=2) [84.5] | 99.4% |\n| snip-no-prior | 80.0 ± 0.0 (n=2) [80.0] | 94.1% |\n" \
+           "<!-- /study-table -->\nmiddle\n" in text
+    lead = text.split("<!-- study-lead-table: lead -->\n")[1].split("<!-- /study-lead-table -->")[0]
+    assert lead.startswith("| task | target | snip | strongest baseline |") and "| old |" not in lead
+    assert "| sst2 | 50% | 84.5 ± 0.7 (n=2) | magnitude 82.0 ± 0.0 (n=2) | +2.5 ± 0.5 (ahead by > s.e.) |" in lead
+    assert text.endswith("\nend\n") and not list(tmp_path.glob(".README.md.tmp"))
+    assert study.main(argv) == 0 and readme.read_text() == text  # idempotent
+    broken = tmp_path / "BROKEN.md"
+    broken.write_text("<!-- study-table -->\n<!-- /study-table -->\n")  # no lead-table block
+    before = out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        study.main([*argv[:-1], str(broken)])
+    assert broken.read_text() == "<!-- study-table -->\n<!-- /study-table -->\n"
+    assert out.with_suffix(".md").read_text() == before  # refused before anything was written
