@@ -627,6 +627,11 @@ def sync_readme(path: Path, md: str) -> None:
     for name, rows in tables.items():
         opened, end = _block_span(text, name, path)
         text = text[:opened] + rows + text[end:]
+    _write_atomic(path, text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a temporary file beside it, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -637,14 +642,14 @@ def write_summary(args, jsonl: Path) -> str:
     summary = summarize(records)
     targets = sorted({r["target"] for r in records if r["target"]})
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix(".json").write_text(json.dumps(
+    _write_atomic(args.out.with_suffix(".json"), json.dumps(
         {"settings": settings, "machine": machine_info(_summarizing_device(args.device)), "compression_definition": COMPRESSION_DEFINITION,
          "records": len(records), "summary": summary}, indent=2) + "\n")
     md = table(summary, targets)
     for target in [t for t in (0.5, 0.3, 0.7) if t in targets]:
         md += "\n" + across_tasks(records, summary, target)
     md += "\n" + snip_lead(summary, [t for t in (0.3, 0.5, 0.7) if t in targets])
-    args.out.with_suffix(".md").write_text(
+    _write_atomic(args.out.with_suffix(".md"),
         "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
         "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "
         "unstructured ones the same dense matrices with zeros}; best mean per column in bold. Columns: target "
