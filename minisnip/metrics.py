@@ -135,6 +135,10 @@ def compute_metrics(task: str | GlueTask, preds_or_logits, labels) -> dict[str, 
             raise ValueError(f"{task.display}: expected scores (N,) or (N, 1), got shape {out.shape}")
         out, y = out.astype(np.float64), y.astype(np.float64)
     else:
+        if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+            bad = int((~np.isfinite(out)).any(axis=-1).sum()) if out.ndim == 2 else int((~np.isfinite(out)).sum())
+            raise ValueError(f"{task.display}: {bad} of {out.shape[0]} examples have non-finite logits (NaN or inf): "
+                             "the model diverged; an argmax over them would give a meaningless score")
         if out.ndim == 2:
             if out.shape[1] != task.num_labels:
                 raise ValueError(f"{task.display}: expected logits (N, {task.num_labels}), got shape {out.shape}")

@@ -211,3 +211,15 @@ def test_cross_check_scipy():
         assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
         assert spearman(xt, y) == pytest.approx(stats.spearmanr(xt, y)[0])
         assert _average_ranks(y).tolist() == stats.rankdata(y).tolist()
+
+
+@pytest.mark.parametrize("task", ["sst2", "cola", "mrpc"])
+def test_classification_logits_that_are_not_finite_are_refused_not_argmaxed(task):
+    logits = np.zeros((4, 2))
+    logits[1, 0] = float("nan")  # argmax would pick the NaN's class and score it
+    with pytest.raises(ValueError, match="1 of 4 examples have non-finite logits"):
+        compute_metrics(task, logits, [0, 0, 1, 1])
+    logits[1, 0], logits[2, 1] = 0.0, float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        compute_metrics(task, logits, [0, 0, 1, 1])
+    assert compute_metrics(task, np.array([0, 1, 1, 0]), [0, 0, 1, 1])  # integer predictions pass as they are
