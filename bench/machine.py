@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import minisnip
+from minisnip.checkpoint import write_json, write_text
 
 
 def cpu_model() -> str:
@@ -169,8 +170,7 @@ def result_paths(out: str, stem: str) -> tuple[Path, Path]:
 
 def write_result(result: dict, json_path: Path, md_path: Path, table: str) -> None:
     """Write a benchmark's result as JSON and its markdown table, and print the table."""
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(table, encoding="utf-8")
+    write_json(json_path, result)  # atomic; a NaN is refused, naming its place
+    write_text(md_path, table)
     print("\n" + table)
     print(f"wrote {json_path} and {md_path}", flush=True)

@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import minisnip
+from minisnip.checkpoint import write_json, write_text
 from minisnip.finetune import environment, load_classifier, load_task_data
 from minisnip.pruning.recipe import PruneConfig, dev_scores, finetune_with, recover, remove
 from minisnip.snip import method as snip_method
@@ -196,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(records)
     avg = averages(summary, args.compressions)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": settings, "environment": environment(), "compression_definition": COMPRESSION_DEFINITION,
-         "summary": summary, "averages": avg}, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"),
+               {"settings": settings, "environment": environment(), "compression_definition": COMPRESSION_DEFINITION,
+                "summary": summary, "averages": avg})
     md = table(summary, args.compressions) + ("\n\n" + averages_table(avg, args.compressions) if avg else "")
-    args.out.with_suffix(".md").write_text(
+    write_text(args.out.with_suffix(".md"),
         f"Dev main metric x100, mean ± std over seeds after recovery fine-tuning [mean before recovery]; "
         f"columns: target compression ({COMPRESSION_DEFINITION}).\n"
         f"Settings: {settings}\n\n{md}\n")

@@ -50,6 +50,8 @@ import minisnip  # noqa: E402
 from bench.bench_encoder import interleaved  # noqa: E402
 from bench.machine import code_version, machine_info  # noqa: E402
 from minisnip.__main__ import METHODS  # noqa: E402
+from minisnip.checkpoint import write_json, write_text  # noqa: E402
+from minisnip.plots import save_figure  # noqa: E402
 from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
 from minisnip.config import BertConfig  # noqa: E402
 from minisnip.pruning.compression import (COMPRESSION_DEFINITION, dense_encoder_linear_params,  # noqa: E402
@@ -579,7 +581,7 @@ def figures(summary: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         path = out.parent / f"{out.name}_{task}.png"
-        fig.savefig(path)
+        save_figure(fig, path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -627,14 +629,7 @@ def sync_readme(path: Path, md: str) -> None:
     for name, rows in tables.items():
         opened, end = _block_span(text, name, path)
         text = text[:opened] + rows + text[end:]
-    _write_atomic(path, text)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all (a temporary file beside it, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def write_summary(args, jsonl: Path) -> str:
@@ -642,14 +637,14 @@ def write_summary(args, jsonl: Path) -> str:
     summary = summarize(records)
     targets = sorted({r["target"] for r in records if r["target"]})
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    _write_atomic(args.out.with_suffix(".json"), json.dumps(
-        {"settings": settings, "machine": machine_info(_summarizing_device(args.device)), "compression_definition": COMPRESSION_DEFINITION,
-         "records": len(records), "summary": summary}, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"),
+               {"settings": settings, "machine": machine_info(_summarizing_device(args.device)),
+                "compression_definition": COMPRESSION_DEFINITION, "records": len(records), "summary": summary})
     md = table(summary, targets)
     for target in [t for t in (0.5, 0.3, 0.7) if t in targets]:
         md += "\n" + across_tasks(records, summary, target)
     md += "\n" + snip_lead(summary, [t for t in (0.3, 0.5, 0.7) if t in targets])
-    _write_atomic(args.out.with_suffix(".md"),
+    write_text(args.out.with_suffix(".md"),
         "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
         "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "
         "unstructured ones the same dense matrices with zeros}; best mean per column in bold. Columns: target "

@@ -378,16 +378,63 @@ def _non_finite(obj, where: str = "") -> tuple[str, float] | None:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write `obj` as indented JSON, atomically (temporary file in the same folder, then rename).
+    """Write `obj` as indented JSON, atomically (`write_bytes`).
 
     A NaN or infinity anywhere in `obj` raises ValueError naming its place; an unwritable path raises an
     OSError naming the path. Either way nothing is written and a previous file stays as it was.
     Under torchrun only rank 0 writes; the other ranks check `obj` and return.
     """
     path = Path(path)
-    text = _json_text(obj, path)
+    return write_bytes(path, _json_text(obj, path).encode("utf-8"))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) atomically (`write_bytes`): a table, a README."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions a rewritten file keeps (its own), or a new file gets (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = 0o022  # the common default, where the process's own cannot be read without changing it
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
+        except OSError:
+            pass
+        return 0o666 & ~umask
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` whole or not at all: a temporary file in the same folder, flushed to disk, then
+    renamed over `path`. On any error the temporary file and any folders created for it are removed and a
+    previous file stays as it was. Under torchrun only rank 0 writes."""
+    path = Path(path)
     if not distributed.is_main():
         return path
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder, not a file")
+    created = _make_parents(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.chmod(tmp, _file_mode(path))  # mkstemp's 0600 would make the file private
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        _remove_empty(created)
+        if isinstance(e, OSError):
+            raise _cannot_write(path, e) from None
+        raise
+    return path
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder, not a file")
     created = _make_parents(path)

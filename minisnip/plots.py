@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .checkpoint import write_bytes
 from .config import BertConfig
 
 
@@ -16,6 +17,14 @@ def _pyplot():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write `fig` as PNG to `path`, atomically (rendered in memory, then `checkpoint.write_bytes`)."""
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return write_bytes(path, buf.getvalue())
 
 
 def _layer_of(name: str) -> int:
@@ -51,7 +60,7 @@ def plot_norms_per_layer(norms: Mapping[str, float], removed: Sequence[str], pat
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
         plt.close(fig)
     return fig
 
@@ -77,7 +86,7 @@ def plot_kept_map(dense: BertConfig, pruned: BertConfig, path: str | Path | None
     fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path)
         plt.close(fig)
     return fig
 

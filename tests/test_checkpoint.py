@@ -548,3 +548,15 @@ def test_permission_denied_is_named_in_one_line(tmp_path, tiny_model, monkeypatc
     with pytest.raises(PermissionError, match=re.escape(f"cannot write {old}: [Errno 13] Permission denied")):
         write_json(old, {"a": 2})
     assert _tree(tmp_path) == before  # the folder 'sub' made for the checkpoint is gone again
+
+
+def test_write_text_replaces_whole_files_and_keeps_their_permissions(tmp_path):
+    from minisnip.checkpoint import write_text
+    readme = tmp_path / "README.md"
+    readme.write_text("old\n")
+    readme.chmod(0o640)
+    write_text(readme, "new ± table\n")
+    assert readme.read_text(encoding="utf-8") == "new ± table\n" and readme.stat().st_mode & 0o777 == 0o640
+    fresh = write_text(tmp_path / "out" / "t.md", "x\n")
+    assert fresh.stat().st_mode & 0o777 != 0o600  # not mkstemp's private mode: others may read a result
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["README.md", "out", "t.md"]  # no temporary left

@@ -56,7 +56,7 @@ def test_prune_reaches_target_and_writes_everything(tiny_folder, glue_fixtures_d
 def test_no_target_prunes_nothing(tiny_folder, glue_fixtures_dir, tmp_path):
     result = prune("rte", tmp_path / "d", "snip-no-prior", PruneConfig(target=None), tiny_folder,
                    glue_fixtures_dir, quick(epochs=1), plots=False)
-    assert result["compression"] == 0.0 and result["score"] == result["dense_score"]
+    assert result["compression"] == 0.0 and result["score"] == result["finetuned_score"]
 
 
 def test_threshold_mode_removes_exactly_the_branches_below_tau(tiny_folder, glue_fixtures_dir, tmp_path):

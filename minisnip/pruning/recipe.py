@@ -320,7 +320,9 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
         if "sparsity" in outcome.report:
             result["sparsity"] = outcome.report["sparsity"]
         result["structured"] = method.STRUCTURED
-        result["dense_score"] = outcome.dev["finetuned"][split][main]
+        # the model fine-tuning left: dense for a method that prunes after it, the last (masked or gated)
+        # epoch's for a scheduled one (finetune_history's restored_best says which)
+        result["finetuned_score"] = outcome.dev["finetuned"][split][main]
         result["score"] = outcome.dev.get("pruned", outcome.dev["finetuned"])[split][main]
         result["scores"] = outcome.dev
         write_json(work / "pruning.json", {
