@@ -716,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(README_BLOCKS), e.g. README.md")
     args = p.parse_args(argv)
     if args.readme is not None:
+        if args.claim or args.quick:  # a claiming process does not summarize; --quick's numbers are not the study's
+            p.error(f"--readme is for the study's summary: use it with --summarize or a plain run, not with "
+                    f"{'--claim' if args.claim else '--quick'}")
         try:
             check_readme(args.readme)
         except ValueError as e:

@@ -220,3 +220,7 @@ def test_readme_blocks_get_the_summarys_tables_and_a_readme_without_them_is_refu
         study.main([*argv[:-1], str(broken)])
     assert broken.read_text() == "<!-- study-table -->\n<!-- /study-table -->\n"
     assert out.with_suffix(".md").read_text() == before  # refused before anything was written
+    for other in ("--claim", "--quick"):  # a claiming process never summarizes; --quick is not the study
+        with pytest.raises(SystemExit):
+            study.main([*argv, other])
+    assert readme.read_text() == text and out.with_suffix(".md").read_text() == before
