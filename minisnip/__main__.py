@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             joined = not distributed.is_distributed() and distributed.init(args.device)
             distributed.check_batch_size(args.batch_size)  # the global batch, split over the processes
         COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("interrupted: the run folder holds what was written, and result.json says it was interrupted",
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {e or 'nothing was written'}",
               file=sys.stderr)
         return 130
     except RunFailed as e:  # the run started writing: a failure, not a usage error

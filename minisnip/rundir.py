@@ -10,6 +10,9 @@ The rules (every command that writes a run follows them, through `RunDir`):
 3. `commit()` moves what was written into `out`. When `out` already holds a run (with `overwrite`), only
    what minisnip itself writes is replaced (`OWNED_NAMES`, `seed-<n>/`); a user's own files in the
    folder stay where they are. `discard()` removes the partial folder of a run that wrote nothing worth keeping.
+4. A run that fails or is interrupted after it started writing is kept, with its result.json saying how it ended:
+   in `out` when `out` held no earlier run, otherwise in a new sibling `<out>.failed-<time>`, so that an earlier
+   run is replaced only by one that completed (`--overwrite` never trades a finished run for a failed one).
 
 A run killed outright (SIGKILL, power loss) leaves its partial sibling and the previous `out` untouched.
 
@@ -113,21 +116,49 @@ class RunDir:
         self.work = None
         return out
 
+    def holds_run(self) -> bool:
+        """Whether `out` holds entries of an earlier run (what `--overwrite` would replace)."""
+        return self.out.is_dir() and any(owned(e.name) for e in self.out.iterdir())
+
+    def set_aside(self) -> Path:
+        """Where a run that did not complete lands (rule 4): committed into `out` when `out` holds no earlier
+        run, otherwise moved to a new sibling `<out>.failed-<time>`; returns that folder."""
+        if self.work is None:
+            raise RuntimeError("RunDir.set_aside() before open()")
+        if not distributed.is_main() or not self.holds_run():
+            return self.commit()
+        stem = f"{self.out.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest, n = self.out.absolute().parent / stem, 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{stem}-{n}")
+        os.replace(self.work, dest)
+        self.work = None
+        return dest
+
     @contextmanager
     def writing(self) -> Iterator[Path]:
-        """open(), yield the partial folder, then commit() however the block ends: a run that started writing is
-        kept, and its result.json (written by the caller in a `finally`) says whether it completed. An error
-        comes back as RunFailed (Ctrl-C as KeyboardInterrupt) naming the folder."""
+        """open(), yield the partial folder, then commit() if the block completes, or set_aside() if it fails or
+        is interrupted: a run that started writing is kept, and its result.json (written by the caller in a
+        `finally`) says whether it completed. An error comes back as RunFailed (Ctrl-C as KeyboardInterrupt),
+        naming the folder that holds the run."""
         work = self.open()
         try:
             yield work
         except KeyboardInterrupt:
-            self.commit()
-            raise
+            where = self.set_aside()
+            raise KeyboardInterrupt(f"{self._kept(where)} holds what was written, and its result.json says it was "
+                                    "interrupted") from None
         except Exception as e:
-            self.commit()
-            raise RunFailed(f"{e}\nthe run stopped; {self.out}/result.json records how") from e
+            where = self.set_aside()
+            raise RunFailed(f"{e}\nthe run stopped; {self._kept(where)} holds it, and its result.json records "
+                            "how") from e
         self.commit()
+
+    def _kept(self, where: Path) -> str:
+        if where == self.out:
+            return f"the run folder {where}"
+        return f"{where} (beside {self.out}, which keeps its earlier run)"
 
     def discard(self) -> None:
         """Remove the partial folder (a run that failed before writing anything worth keeping)."""

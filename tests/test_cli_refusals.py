@@ -250,3 +250,32 @@ def test_offline_without_glue_dir_says_how_to_pass_one(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "nyu-mll/glue" in proc.stderr and "--glue-dir" in proc.stderr and "MINISNIP_GLUE_DIR" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["glue"]
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("boom in recovery"), KeyboardInterrupt()])
+def test_a_run_that_fails_over_an_earlier_run_leaves_that_run_whole(stop, finished_run, tmp_path, tiny_folder,
+                                                                     glue_fixtures_dir, capsys, monkeypatch):
+    """--overwrite replaces a finished run only with one that completed: a failed or interrupted run lands
+    beside it, in <out>.failed-<time>, with its result.json saying how it ended."""
+    import minisnip.pruning.recipe as recipe
+    real_fit, calls = recipe.fit, []
+
+    def fit_failing_in_recovery(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise stop
+        return real_fit(*args, **kwargs)
+    monkeypatch.setattr(recipe, "fit", fit_failing_in_recovery)
+    out = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    code, err = run(["prune", "--task", "rte", "--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder),
+                     "--out", str(out), "--overwrite", "--target", "0.3", "--no-plots", *QUICK], capsys)
+    [failed] = [p for p in tmp_path.iterdir() if p.name.startswith("run.failed-")]
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith("run.failed-")} == before
+    status = json.loads((failed / "result.json").read_text())["status"]
+    if isinstance(stop, KeyboardInterrupt):
+        assert code == 130 and status == "interrupted"
+    else:
+        assert code == 1 and status == "failed: RuntimeError: boom in recovery"
+    assert str(failed) in err and "keeps its earlier run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", failed.name])  # nothing partial left
