@@ -73,7 +73,7 @@ def run_cell(task: str, seed: int, family: str, args, done: set, sink) -> None:
             pruned = copy.deepcopy(model)
             cfg = replace(base_cfg, target=target)
             outcome = remove(pruned, tokenizer, data, snip_method, [], cfg, train_cfg, dense_config)
-            before = dev_scores(pruned, tokenizer, data)[split][metric]
+            before = dev_scores(pruned, tokenizer, data, train_cfg=train_cfg)[split][metric]
             after = recover(pruned, tokenizer, data, cfg, train_cfg).best_metrics[split][metric] \
                 if cfg.recovery_epochs else before
             record.update(compression=compression(pruned, dense_config), before_recovery=before, score=after,

@@ -116,7 +116,7 @@ def block_bias(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
     model = new_classifier(args.model_path, data.task, args.seed)
     fit(model, tokenizer, data.task, data.train, data.dev, train_cfg)
     split, metric = next(iter(data.dev)), data.task.main_metric
-    score = lambda m: dev_scores(m, tokenizer, data)[split][metric]  # noqa: E731
+    score = lambda m: dev_scores(m, tokenizer, data, train_cfg=train_cfg)[split][metric]  # noqa: E731
     group = default_group_size(model)
     result: dict = {"dense": score(model), "layers": []}
     for i, layer in enumerate(encoder_of(model).layers):

@@ -339,7 +339,7 @@ class Study:
         t0 = time.perf_counter()
         dense_config = BertConfig.from_dict(model.config.to_dict())
         outcome = remove(pruned, self.tokenizer, data, module, hooks, cfg, train_cfg, dense_config)
-        before = dev_scores(pruned, self.tokenizer, data)[split][metric]
+        before = dev_scores(pruned, self.tokenizer, data, train_cfg=train_cfg)[split][metric]
         after = recover(pruned, self.tokenizer, data, cfg, train_cfg, module.STRUCTURED).best_metrics[split][metric] \
             if cfg.recovery_epochs else before
         record.update(compression=outcome.report["compression"], sparsity=outcome.report.get("sparsity"),

@@ -279,3 +279,17 @@ def test_a_run_that_fails_over_an_earlier_run_leaves_that_run_whole(stop, finish
         assert code == 1 and status == "failed: RuntimeError: boom in recovery"
     assert str(failed) in err and "keeps its earlier run" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", failed.name])  # nothing partial left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "l0", "--kinds", "head", "attention"], "gate a block and its parts at once"),
+    (["--method", "snip-prox", "--kinds", "attention", "ffn"], "whole blocks"),
+])
+def test_what_a_methods_gates_cannot_take_is_refused_before_anything_is_written(
+        argv, message, finished_run, tmp_path, tiny_folder, glue_fixtures_dir, capsys):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    code, err = run(["prune", "--task", "rte", "--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder),
+                     "--out", str(out), "--overwrite", "--target", "0.3", "--no-plots", *argv, *QUICK], capsys)
+    assert code == 2 and message in err
+    assert snapshot(out) == before

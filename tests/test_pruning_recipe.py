@@ -123,3 +123,46 @@ def test_cli_prune(tiny_folder, glue_fixtures_dir, tmp_path, capsys):
         main(["prune", "--target", "1.5", "--task", "sst2", "--glue-dir", str(glue_fixtures_dir),
               "--out", str(tmp_path / "bad")])
     assert exit.value.code == 2 and "--target" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_methods_first_draws_depend_on_the_seed_alone(tiny_folder, glue_fixtures_dir):
+    """L0's log α noise and DSP's logits are drawn when the hooks are made: finetune_with seeds just before, so
+    what ran earlier in the process (a teacher's fine-tune, another cell) does not change them."""
+    from minisnip.finetune import load_classifier
+    from minisnip.pruning.recipe import finetune_with
+
+    class Stop(Exception):
+        pass
+
+    draws = []
+
+    class Probe:
+        STRUCTURED, SCHEDULED, USES_DISTILLATION = True, False, False
+
+        @staticmethod
+        def training_hooks(model, *args, **kwargs):
+            draws.append(torch.rand(4))
+            raise Stop
+
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("rte", tokenizer, glue_fixtures_dir, max_length=32)
+    for seed, burn in ((1, 0), (1, 7), (2, 0)):
+        torch.rand(burn)  # what ran before
+        with pytest.raises(Stop):
+            finetune_with(load_classifier(tiny_folder, data.task), tokenizer, data, Probe, None,
+                          PruneConfig(target=0.5), quick(seed=seed))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
+def test_scores_before_recovery_are_evaluated_as_fit_evaluates(tiny_folder, glue_fixtures_dir):
+    """dev_scores with the run's TrainConfig uses its autocast, as fit's evaluations do (bf16 here, on the CPU)."""
+    from minisnip.finetune import new_classifier
+    from minisnip.pruning.recipe import dev_scores
+
+    tokenizer = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("stsb", tokenizer, glue_fixtures_dir, max_length=32)
+    model = new_classifier(tiny_folder, data.task, 1)
+    split = next(iter(data.dev))
+    as_fit = evaluate(model, data.dev[split], data.task, tokenizer, 16, torch.device("cpu"), torch.bfloat16)
+    assert dev_scores(model, tokenizer, data, train_cfg=quick(amp="bf16", eval_batch_size=16))[split] == as_fit
+    assert dev_scores(model, tokenizer, data)[split] != as_fit  # float32: not the same numbers

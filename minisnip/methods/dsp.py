@@ -225,6 +225,12 @@ class SubsetGates(TrainHook):
 
 # --- the method contract -------------------------------------------------------------------------------------
 
+def check(model: nn.Module, cfg: Config, target: float | None, kinds: tuple[str, ...],
+          neuron_group_size: int | None) -> None:
+    """What `SubsetGates` would refuse (a target its budget of k cannot keep), found before any training."""
+    keep_budget(model, list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None), target)
+
+
 def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
                    neuron_group_size: int) -> list[TrainHook]:
     """One `SubsetGates` hook: logits on every branch of `kinds`, k = keep_budget(target)."""

@@ -157,16 +157,20 @@ def lagrangian(s_hat: Tensor, target: float, lambda1: Tensor, lambda2: Tensor) -
     return lambda1 * gap + lambda2 * gap * gap
 
 
+def _check_kinds_and_target(kinds: tuple[str, ...], target) -> None:
+    if ("head" in kinds and "attention" in kinds) or ("neurons" in kinds and "ffn" in kinds):
+        raise ValueError(f"kinds {kinds} gate a block and its parts at once: its weights would count twice")
+    if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
+        raise ValueError(f"L0 gates are trained toward a target compression in (0, 1), got target={target!r} "
+                         "(a threshold, or no pruning at all, gives them nothing to aim at)")
+
+
 class L0Gates(TrainHook):
     """Samples the gates each step, adds the Lagrangian, and turns the optimiser's λ step into an ascent step."""
 
     def __init__(self, model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
                  neuron_group_size: int | None) -> None:
-        if ("head" in kinds and "attention" in kinds) or ("neurons" in kinds and "ffn" in kinds):
-            raise ValueError(f"kinds {kinds} gate a block and its parts at once: its weights would count twice")
-        if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target < 1):
-            raise ValueError(f"L0 gates are trained toward a target compression in (0, 1), got target={target!r} "
-                             "(a threshold, or no pruning at all, gives them nothing to aim at)")
+        _check_kinds_and_target(kinds, target)
         self.model, self.cfg, self.target = model, cfg, float(target)
         self.total_steps = max(1, int(total_steps))
         self.branches = list_branches(model, kinds, neuron_group_size if "neurons" in kinds else None)
@@ -250,6 +254,12 @@ class L0Gates(TrainHook):
 
 
 # --- the method contract -------------------------------------------------------------------------------------
+
+def check(model: nn.Module, cfg: Config, target: float | None, kinds: tuple[str, ...],
+          neuron_group_size: int | None) -> None:
+    """What `L0Gates` would refuse, found before any training (the recipe calls it)."""
+    _check_kinds_and_target(kinds, target)
+
 
 def training_hooks(model: nn.Module, cfg: Config, target: float, total_steps: int, kinds: tuple[str, ...],
                    neuron_group_size: int) -> list[TrainHook]:

@@ -37,7 +37,7 @@ from ..finetune import TaskData, environment, load_task_data, new_classifier, sh
 from ..rundir import RunDir, recorded
 from ..surgery import PruningError
 from ..tokenizer import Tokenizer, load_tokenizer
-from ..train import StepContext, TrainConfig, TrainHook, evaluate, fit, resolve_device
+from ..train import StepContext, TrainConfig, TrainHook, amp_dtype, evaluate, fit, resolve_device, set_seed
 from .branches import DEFAULT_KINDS, check_kinds, default_group_size, list_branches
 from .compression import (COMPRESSION_DEFINITION, compression, compression_with_zeros,
                           dense_encoder_linear_params, encoder_linears, sparsity)
@@ -100,6 +100,13 @@ def check_method(method: ModuleType, cfg: PruneConfig) -> None:
         raise ValueError(f"{method.__name__}: branch kinds apply to structured methods only")
 
 
+def check_method_on_model(model: nn.Module, method: ModuleType, method_cfg, cfg: PruneConfig) -> None:
+    """Refuse what a method can tell only from the model (e.g. a budget it cannot keep, kinds its gates or its
+    proximal step cannot take), before any training or writing: the method's optional `check`."""
+    if hasattr(method, "check"):
+        method.check(model, method_cfg, cfg.target, cfg.kinds, group_size_of(model, cfg))
+
+
 def check_reachable(model: nn.Module, cfg: PruneConfig) -> None:
     """Refuse a structured target that removing every candidate branch of `cfg.kinds` still cannot reach."""
     if cfg.target is None:
@@ -127,9 +134,15 @@ def calibration_batches(data: Encoded, tokenizer: Tokenizer, n: int, batch_size:
     return out
 
 
-def dev_scores(model: nn.Module, tokenizer: Tokenizer, data: TaskData, batch_size: int = 128) -> dict:
-    """The task's metrics on every dev split of `data`."""
-    return {k: evaluate(model, d, data.task, tokenizer, batch_size) for k, d in data.dev.items()}
+def dev_scores(model: nn.Module, tokenizer: Tokenizer, data: TaskData, batch_size: int = 128,
+               train_cfg: TrainConfig | None = None) -> dict:
+    """The task's metrics on every dev split of `data`; with `train_cfg`, evaluated as fit evaluates (its eval
+    batch size, device and autocast), so that a score before recovery compares with fit's scores."""
+    device = dtype = None
+    if train_cfg is not None:
+        batch_size, device = train_cfg.eval_batch_size, resolve_device(train_cfg.device)
+        dtype = amp_dtype(device, train_cfg.amp)
+    return {k: evaluate(model, d, data.task, tokenizer, batch_size, device, dtype) for k, d in data.dev.items()}
 
 
 class KeepZeros(TrainHook):
@@ -208,6 +221,9 @@ def finetune_with(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method
     total_steps = train_cfg.steps_per_epoch(len(data.train)) * train_cfg.epochs
     # on the training device first: what the method creates (masks, scores, gates) is made beside the weights
     model.to(resolve_device(train_cfg.device))
+    # what a method draws when it starts (L0's log α noise, DSP's logits) depends on the seed alone, not on what
+    # ran before in this process (a teacher fine-tuned first, another cell)
+    set_seed(train_cfg.seed)
     hooks = method.training_hooks(model, method_cfg, cfg.target, total_steps, cfg.kinds, group_size_of(model, cfg))
     terms = [DistillHook(teacher, distill)] if distill is not None else []
     history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, hooks=[*hooks, *terms, *extra_hooks],
@@ -242,6 +258,7 @@ def prune(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: Module
     check_method(method, cfg)
     if method.STRUCTURED:
         check_reachable(model, cfg)
+    check_method_on_model(model, method, method_cfg, cfg)
     dense_config = BertConfig.from_dict(model.config.to_dict())
     history, hooks = finetune_with(model, tokenizer, data, method, method_cfg, cfg, train_cfg, extra_hooks, teacher)
     # the model as fine-tuning left it: the best epoch, or for a scheduled method the last (the one at the target)
@@ -251,7 +268,7 @@ def prune(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: Module
         return PruneOutcome(scores={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, dev=dev)
     outcome = remove(model, tokenizer, data, method, hooks, cfg, train_cfg, dense_config)
     log(f"compression {outcome.report['compression']:.3f} ({COMPRESSION_DEFINITION})")
-    dev["pruned_before_recovery"] = dev_scores(model, tokenizer, data, train_cfg.eval_batch_size)
+    dev["pruned_before_recovery"] = dev_scores(model, tokenizer, data, train_cfg=train_cfg)
     if cfg.recovery_epochs:
         recovery = recover(model, tokenizer, data, cfg, train_cfg, method.STRUCTURED)
         dev["recovery_history"] = recovery.to_dict()
@@ -295,6 +312,7 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
     model = new_classifier(model_path, data.task, train_cfg.seed)
     if method.STRUCTURED:
         check_reachable(model, cfg)
+    check_method_on_model(model, method, method_cfg, cfg)
     teacher = load_teacher(teacher_path, data.task, model) if teacher_path is not None else None
     if cfg.threshold is not None:
         calib = calibration_batches(data.train, tokenizer, cfg.calibration_examples, train_cfg.eval_batch_size,
@@ -373,5 +391,5 @@ def format_prune_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["KeepZeros", "PruneConfig", "PruneOutcome", "calibration_batches", "dev_scores", "finetune_with",
-           "format_prune_result", "prune", "recover", "remove", "run_prune", "select_and_remove"]
+__all__ = ["KeepZeros", "PruneConfig", "PruneOutcome", "calibration_batches", "check_method_on_model", "dev_scores",
+           "finetune_with", "format_prune_result", "prune", "recover", "remove", "run_prune", "select_and_remove"]

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..train import TrainHook
 from .norms import function_norms
-from .prior import PriorPenalty, ProximalPrior
+from .prior import PriorPenalty, ProximalPrior, output_weight_groups
 from .spectral import apply_spectral_norm, remove_spectral_norm
 
 STRUCTURED = True
@@ -76,6 +76,14 @@ class Config:
     @property
     def uses_prior(self) -> bool:
         return self.prior and (self.prox_lambda if self.prior_step == "proximal" else self.prior_lambda) > 0
+
+
+def check(model: nn.Module, cfg: Config, target: float | None, kinds: tuple[str, ...],
+          neuron_group_size: int | None) -> None:
+    """What the proximal step would refuse at its first step (whole blocks as kinds, FFN widths that are not
+    multiples of the group size), found before any training (the recipe calls it)."""
+    if cfg.uses_prior and cfg.prior_step == "proximal":
+        output_weight_groups(model, kinds, neuron_group_size)
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int, kinds: tuple[str, ...],
