@@ -320,14 +320,35 @@ def cmd_prune(args: argparse.Namespace) -> None:
         print(f"written: {args.out} (result.json, pruning.json, pruned/, plots)")
 
 
+METRICS_KEYS = {"task", "model", "metrics"}  # what `evaluate --out` writes: the only file it may replace
+
+
+def _check_metrics_out(out: Path, model: str | Path) -> None:
+    """`evaluate --out`: a new file, or one an earlier `evaluate --out` wrote; never a folder, never a file of
+    the model being evaluated, never someone else's file."""
+    from .rundir import is_inside
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; evaluate writes one JSON file (e.g. --out {out}/metrics.json)")
+    if Path(model).exists() and is_inside(out, Path(model)):
+        raise UsageError(f"--out {out} lies inside --model {model}: write the metrics outside the checkpoint")
+    if out.exists():
+        try:
+            earlier = json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and set(earlier) == METRICS_KEYS):
+            raise UsageError(f"--out {out} exists and is not a metrics file written by evaluate; it is left as it "
+                             "is (choose another --out)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .checkpoint import write_json
     from .finetune import load_task_data, load_trained_classifier
     from .glue import get_task
     from .tokenizer import load_tokenizer
     from .train import amp_dtype, evaluate, resolve_device
-    if args.out is not None and args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a folder; evaluate writes one JSON file (e.g. --out {args.out}/metrics.json)")
+    if args.out is not None:
+        _check_metrics_out(args.out, args.model)
     task = get_task(args.task)
     model = load_trained_classifier(args.model, task, allow_untrained=args.allow_untrained_head)
     tokenizer = load_tokenizer(args.model)

@@ -293,3 +293,21 @@ def test_what_a_methods_gates_cannot_take_is_refused_before_anything_is_written(
                      "--out", str(out), "--overwrite", "--target", "0.3", "--no-plots", *argv, *QUICK], capsys)
     assert code == 2 and message in err
     assert snapshot(out) == before
+
+
+def test_evaluate_out_replaces_only_its_own_metrics_file(finished_run, tmp_path, glue_fixtures_dir, capsys):
+    model = copy_run(finished_run, tmp_path / "run") / "best"
+    base = ["evaluate", "--task", "sst2", "--glue-dir", str(glue_fixtures_dir), "--model", str(model)]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    code, err = run([*base, "--out", str(notes)], capsys)
+    assert code == 2 and "not a metrics file written by evaluate" in err and notes.read_text() == '{"mine": 1}'
+    before = snapshot(model)
+    code, err = run([*base, "--out", str(model / "config.json")], capsys)
+    assert code == 2 and "inside --model" in err and snapshot(model) == before
+    metrics = tmp_path / "metrics.json"
+    assert run([*base, "--out", str(metrics)], capsys)[0] == 0
+    first = json.loads(metrics.read_text())
+    assert set(first) == {"task", "model", "metrics"}
+    assert run([*base, "--out", str(metrics)], capsys)[0] == 0  # its own earlier file: replaced
+    assert json.loads(metrics.read_text()) == first
