@@ -36,13 +36,13 @@ Reconstructed for minisnip:
   (3.4e38; inf, then NaN after the Adam step). The gates are cast to the model's dtype only when written.
 * evaluation during fit (end of each epoch) uses the noise-free relaxation at the current τ (the hard
   top-k for "ste"), written by `epoch_log`; the next step samples again.
-* cost: k sequential softmaxes over N values per step, inherent in the relaxation; measured forward +
-  backward on one CPU thread: 5 ms for N = 216, k = 108 (MiniLM, 50%), 11 ms for N = 432, k = 216 (BERT-base).
+* cost: k sequential softmaxes over N values per step, inherent in the relaxation (its measured time:
+  docs/methods_structured.md).
 * budget warm-up (`budget_warmup`, off by default as in the paper): the budget falls linearly from k = N
   (every gate exactly 1) to the target's k over that share of the steps (`keep_at`), as CoFi's target
   warm-up does for L0. At τ_0 = 1000 every gate is about k/N, so without it every branch is scaled by
-  about one half from the first step at a 50% target, which STS-B does not survive
-  (docs/methods_structured.md); with it the gates start at 1 and the subset hardens as τ falls.
+  about one half from the first step at a 50% target (what that does to STS-B: docs/methods_structured.md);
+  with it the gates start at 1 and the subset hardens as τ falls.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class SubsetGates(TrainHook):
         """The relaxed k_now-hot gates at the current τ (sample=False: without Gumbel noise), in the model's dtype."""
         if self.cfg.estimator == "ste":
             return hard_top_k_st(self.logits, self.k_now).to(self.dtype)
-        noise = gumbel_noise(self.logits.detach().float()) if sample else None  # float32 draws, as before 2026-12-07
+        noise = gumbel_noise(self.logits.detach().float()) if sample else None  # drawn in float32
         return soft_top_k(self.logits, self.k_now, self.tau, noise).to(self.dtype)
 
     def param_groups(self) -> list[dict]:

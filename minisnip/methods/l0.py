@@ -21,10 +21,9 @@ P = encoder linear-layer weights of the model as it is (`pruning.compression`), 
 `select_for_target` measures. t ramps linearly to the target over the first `target_warmup` of the steps
 (CoFi's "Lagrangian warm-up"; their scripts use 2 of 20 epochs on the large GLUE tasks, 20 of 100 on the
 small ones), starting from ŝ at initialisation (CoFi's code starts from 0: the multipliers would first
-push the gates *open* to meet t ≈ 0, measured on the tiny test model: ŝ 0.16 -> 0.03 before turning).
-minisnip's default warm-up is half of the steps, not CoFi's tenth: its runs are short, and a target met
-early leaves the multipliers too large to stop (MiniLM, SST-2, 384 examples, 72 steps, target 0.5: with a
-warm-up of 0.2, ŝ ran on to 0.80 and ended at 0.79; with 0.5 it peaked at 0.58 and ended at 0.46).
+push the gates *open* to meet t ≈ 0). minisnip's default warm-up is half of the steps, not CoFi's tenth: its
+runs are short, and a target met early leaves the multipliers too large to stop (the measurements behind
+both choices: docs/methods_structured.md, L0 gates).
 
 Reconstructed where the papers (or this library) leave a choice:
 
@@ -38,10 +37,8 @@ Reconstructed where the papers (or this library) leave a choice:
   ∂L_c/∂λ1 = ŝ - t is negative, so λ1 *decreases* below 0; then
   ∂L_c/∂ŝ = λ1 + 2 λ2 (ŝ - t) < 0, and descent on log α raises ŝ. λ2 only grows ((ŝ - t)² ≥ 0).
 * learning rates: 0.1 for log α and λ (CoFi uses 0.01 over 20 epochs; minisnip's runs are a few epochs,
-  and at 0.01 a gate cannot close in a few hundred steps). Both groups follow fit's warm-up/decay schedule.
-  Measured on the tiny test model (SST-2 fixture, 200 steps, target 0.5, warm-up 0.2, `init_drop` 0.5):
-  ŝ overshoots to 0.68, then settles at 0.506 as the learning rates decay; with `lambda_lr` 0.01: 0.59,
-  then 0.52 (docs/methods_structured.md has the table).
+  and at 0.01 a gate cannot close in a few hundred steps). Both groups follow fit's warm-up/decay schedule,
+  so ŝ may overshoot the target and settle as the learning rates decay (docs/methods_structured.md).
 * initialisation: log α = log((1 - p)/p) with p = `init_drop` = 0.01 (log α ≈ 4.6: the gates start open, as
   CoFi's code opens its head gates at log α = 10), plus N(0, 0.01²) noise; log α is clamped to
   ±`log_alpha_limit` = log 100 after each step (the range of the `constrain_parameters` in CoFi's L0

@@ -48,9 +48,8 @@ class Config:
     sn_matrices: str = "all"  # which branch matrices SN normalises: "all" (QKV, O, W_1, W_2), "ffn", "attention"
     prior_step: str = "subgradient"  # "subgradient": λ Σ w_m ||f_m|| in the loss; "proximal": prox of the group
     #                                  lasso on the branches' output weights after each step (prior.ProximalPrior)
-    prox_lambda: float = 300.0  # λ of the proximal step, on the scale of output-weight norms (MiniLM: heads 3.6-7.3,
-    #                             neuron groups 5.7-10.5): Σ_t η_t λ_t over 375 steps at lr 1e-4 is ≈ 0.0135 λ, so
-    #                             λ = 300 can zero a group of norm ≈ 4 against no task gradient (reasoned, not tuned)
+    prox_lambda: float = 300.0  # λ of the proximal step, on the scale of output-weight norms (how 300 was reasoned
+    #                             from MiniLM's norms and the study's schedule: docs/snip.md, the proximal step)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.prior_lambda, (int, float)) and math.isfinite(self.prior_lambda)

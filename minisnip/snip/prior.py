@@ -96,8 +96,8 @@ class PriorPenalty(TrainHook):
 
     λ_t ramps linearly from 0 to λ over the first `warmup_steps` steps (then stays at λ): at step 0 the
     classifier head is random, the task gradient reaching the encoder is weak, and a full-strength prior
-    would shrink every branch before the task has said which ones it needs (measured: λ = 1e-3 from step 0
-    leaves MiniLM at chance on SST-2; docs/snip.md). `step` counts the calls so far; it is the only state.
+    would shrink every branch before the task has said which ones it needs (docs/snip.md, "Why λ warms up",
+    has the measurement). `step` counts the calls so far; it is the only state.
     """
 
     needs_traces = True
@@ -177,8 +177,7 @@ class ProximalPrior(TrainHook):
     t_m = η λ_t w_m). Unlike the subgradient of λ||f_m|| through AdamW, which shrinks norms but leaves them near
     their size, it sets a branch's output weights, and so its function, EXACTLY to zero once they are small
     enough: the thresholding then removes it without changing the network. λ_t warms up as in PriorPenalty.
-    Its λ lives on the scale of weight norms (an attention head's W_O block of MiniLM: ≈ 4), not of function
-    norms: `Config.prox_lambda`."""
+    Its λ lives on the scale of the output weights' norms, not of function norms: `Config.prox_lambda`."""
 
     def __init__(self, lam: float, kinds: Iterable[str], neuron_group_size: int | None,
                  weights: None | str = "params", warmup_steps: int = 0) -> None:

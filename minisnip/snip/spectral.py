@@ -22,23 +22,13 @@ The bound c (a reconstruction choice, nothing in the paper fixes it):
   (The power-iteration estimate u^T W v = ||W v|| can only be ≤ σ(W) = c, so the scale is 1 at step 0; c is
   also raised to the estimate itself, against rounding, so eval outputs are bit-for-bit unchanged.)
 - a float c (SNGP: 0.95; Miyato: 1.0): one global constant. Pretrained BERT matrices have σ far above 1, so a
-  constant bound rescales every matrix, and the pretrained function is lost at step 0. Measured on
-  all-MiniLM-L6-v2 (`minisnip.default_model_path()`, 6 layers, hidden 384, FFN 1536), σ per matrix over layers:
-
-      W_Q (384x384)    4.60 .. 6.12        W_O    (384x384)     2.26 .. 3.29
-      W_K (384x384)    4.02 .. 6.84        W_1 up (1536x384)    7.44 .. 11.65
-      W_V (384x384)    2.50 .. 4.19        W_2 down (384x1536)  4.97 .. 9.42
-      (fused [W_Q; W_K; W_V] as one 1152x384 matrix: 5.37 .. 8.72)
-
-  With c = 1 every layer's FFN is scaled down by a factor 7-12 (up) times 5-9 (down); measured on four
-  sentences, the mean-pooled MiniLM embeddings then have cosine 0.28-0.50 to the original ones (c = 0.95:
-  about the same), while bound="init" leaves them bit-for-bit equal.
+  constant bound rescales every matrix, and the pretrained function is lost at step 0, while bound="init"
+  leaves it bit-for-bit equal (σ per matrix of all-MiniLM-L6-v2 and what c = 1 does to its embeddings:
+  docs/snip.md, "Why the spectral-norm bound is per matrix by default").
 
 How tight is the cap? σ̂ comes from one power step per training step from the previous u, so it lags when
-W moves fast. Measured (σ of the normalised matrix / c, worst over all matrices and steps): MiniLM with
-bound="init", AdamW lr 2e-5, 20 steps: 1 + 3e-5 (its σ₂/σ₁ are 0.57 .. 0.99). A random tiny BERT (std 0.02,
-small spectral gaps), 10 Adam steps: lr 1e-4: 1 + 8e-5; lr 1e-3: 1.29 (1.09 with n_power_iterations=5);
-lr 1e-2: 1.72 (1.05 with 5). Use more power iterations when weights move by percents per step.
+W moves fast: tight at fine-tuning learning rates, loose when weights move by percents per step, where more
+power iterations (`n_power_iterations`) tighten it (measured: docs/snip.md, same section).
 
 The fused QKV weight is normalised as three matrices (`blocks=3`): in BERT, W_Q, W_K and W_V are three
 separate linear maps that minisnip only stacks for speed. Normalising the stack would cap
