@@ -166,3 +166,12 @@ def test_scores_before_recovery_are_evaluated_as_fit_evaluates(tiny_folder, glue
     as_fit = evaluate(model, data.dev[split], data.task, tokenizer, 16, torch.device("cpu"), torch.bfloat16)
     assert dev_scores(model, tokenizer, data, train_cfg=quick(amp="bf16", eval_batch_size=16))[split] == as_fit
     assert dev_scores(model, tokenizer, data)[split] != as_fit  # float32: not the same numbers
+
+
+def test_the_loss_gated_prior_runs_through_the_recipe_and_logs_its_gate(tiny_folder, glue_fixtures_dir, tmp_path):
+    from minisnip.snip import method as snip_method
+    result = run_prune("sst2", tmp_path / "gated", "snip", snip_method, SnipConfig(prior_gate="loss"),
+                       PruneConfig(target=0.3), tiny_folder, glue_fixtures_dir, quick(epochs=2))
+    epochs = result["scores"]["finetune_history"]["epochs"]
+    assert result["status"] == "completed" and len(epochs) == 2
+    assert all(0.0 <= e["prior_loss_gate"] <= 1.0 for e in epochs)

@@ -217,3 +217,39 @@ def test_proximal_prior_acts_on_the_weight_under_spectral_normalization():
     hook.after_step(StepContext(step=1, total_steps=1, epoch=1, model=m, batch={}, lr=1e6))  # t above every norm
     for layer in m.layers:
         assert torch.equal(layer.attention.out.weight, torch.zeros_like(layer.attention.out.weight))
+
+
+def test_loss_gate_scales_the_prior_by_the_share_of_its_first_loss_explained():
+    """g_t = clamp(1 - L̄_t / L_1, 0, 1), L̄_t = 0.98 L̄_{t-1} + 0.02 L_t, by hand."""
+    from minisnip.snip.prior import PriorPenalty
+    m = make_model()
+    ids, mask = make_batch()
+    trace = []
+    with torch.no_grad():
+        m(ids, mask, trace=trace)
+        r = identity_prior(m, trace, mask, kinds=("head", "ffn"), weights=None)
+    plain = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None)
+    gated = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None, loss_gate=True)
+    expected = []
+    mean = None
+    for loss in (1.0, 0.5, 0.5, 2.0):
+        mean = loss if mean is None else 0.98 * mean + 0.02 * loss
+        expected.append(min(1.0, max(0.0, 1 - mean / 1.0)))
+        with torch.no_grad():
+            assert plain(m, trace, mask).item() == pytest.approx(1e-3 * r.item(), rel=1e-6)
+            got = gated(m, trace, mask, torch.tensor(loss))
+        assert got.item() == pytest.approx(1e-3 * r.item() * expected[-1], rel=1e-5, abs=1e-12)
+    assert expected[0] == 0.0 and expected[1] == pytest.approx(0.01) and expected[2] == pytest.approx(0.0198)
+    assert gated.epoch_log()["prior_loss_gate"] == pytest.approx(expected[-1], abs=1e-6)
+    assert plain.epoch_log() == {}
+    with pytest.raises(ValueError, match="needs the step's task loss"):
+        gated(m, trace, mask)
+
+
+def test_loss_gate_is_a_switch_of_snips_config():
+    from minisnip.snip.method import Config
+    assert Config().prior_gate == "none" and Config(prior_gate="loss").prior_gate == "loss"
+    with pytest.raises(ValueError, match="prior_gate must be one of"):
+        Config(prior_gate="grad")
+    with pytest.raises(ValueError, match="not to the proximal step"):
+        Config(prior_gate="loss", prior_step="proximal")

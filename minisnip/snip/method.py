@@ -31,6 +31,7 @@ DESCRIPTION = "SNIP (Lin et al. 2020): identity prior + spectral normalization, 
 
 
 PRIOR_STEPS = ("subgradient", "proximal")
+PRIOR_GATES = ("none", "loss")
 SN_MATRICES = {"all": ("qkv", "out", "up", "down"), "ffn": ("up", "down"), "attention": ("qkv", "out")}
 
 
@@ -48,6 +49,8 @@ class Config:
     sn_matrices: str = "all"  # which branch matrices SN normalises: "all" (QKV, O, W_1, W_2), "ffn", "attention"
     prior_step: str = "subgradient"  # "subgradient": λ Σ w_m ||f_m|| in the loss; "proximal": prox of the group
     #                                  lasso on the branches' output weights after each step (prior.ProximalPrior)
+    prior_gate: str = "none"  # "loss": λ_t also scaled by the share of its first loss the task has explained
+    #                           (prior.PriorPenalty, loss_gate; not the paper's); "none": the paper's prior
     prox_lambda: float = 300.0  # λ of the proximal step, on the scale of output-weight norms (how 300 was reasoned
     #                             from MiniLM's norms and the study's schedule: docs/snip.md, the proximal step)
 
@@ -64,8 +67,13 @@ class Config:
         if not (isinstance(self.sn_scale, (int, float)) and not isinstance(self.sn_scale, bool)
                 and 0 < self.sn_scale <= 1):
             raise ValueError(f"sn_scale must be a number in (0, 1], got {self.sn_scale!r}")
+        if self.prior_gate not in PRIOR_GATES:
+            raise ValueError(f"prior_gate must be one of {PRIOR_GATES}, got {self.prior_gate!r}")
         if self.prior_step not in PRIOR_STEPS:
             raise ValueError(f"prior_step must be one of {PRIOR_STEPS}, got {self.prior_step!r}")
+        if self.prior_gate != "none" and self.prior_step == "proximal":
+            raise ValueError("prior_gate applies to the prior in the loss (prior_step='subgradient'), not to the "
+                             "proximal step")
         if not (isinstance(self.prox_lambda, (int, float)) and math.isfinite(self.prox_lambda) and self.prox_lambda >= 0):
             raise ValueError(f"prox_lambda must be a finite number ≥ 0, got {self.prox_lambda!r}")
         if self.sn_bound != "init" and not (isinstance(self.sn_bound, (int, float)) and not isinstance(self.sn_bound, bool)
@@ -95,7 +103,8 @@ def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_st
     warmup = round(cfg.prior_warmup * total_steps)
     if cfg.prior_step == "proximal":
         return [ProximalPrior(cfg.prox_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup)]
-    return [PriorPenalty(cfg.prior_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup)]
+    return [PriorPenalty(cfg.prior_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup,
+                         loss_gate=cfg.prior_gate == "loss")]
 
 
 def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:

@@ -97,32 +97,68 @@ class PriorPenalty(TrainHook):
     λ_t ramps linearly from 0 to λ over the first `warmup_steps` steps (then stays at λ): at step 0 the
     classifier head is random, the task gradient reaching the encoder is weak, and a full-strength prior
     would shrink every branch before the task has said which ones it needs (docs/snip.md, "Why λ warms up",
-    has the measurement). `step` counts the calls so far; it is the only state.
+    has the measurement). `step` counts the calls so far.
+
+    With `loss_gate` (an option of minisnip's, not the paper's) λ_t is further multiplied by how much of its
+    first loss the task has explained so far,
+
+        g_t = clamp(1 - L̄_t / L_1, 0, 1),    L̄_t = 0.98 L̄_{t-1} + 0.02 L_t,  L̄_1 = L_1     (`loss_gate_value`)
+
+    with L_t the task loss of step t (of the global batch under torchrun): on a task whose loss stays on its
+    plateau the prior waits instead of shrinking every branch before the task is learnt (docs/snip.md, CoLA).
     """
 
     needs_traces = True
     packed_traces = True  # the norms are sums over real tokens: a packed trace gives them without the padding
     cls_traces = True  # and they read the FFN output through LayerTrace.ffn_output
+    GATE_DECAY = 0.98  # the loss average's memory: about 50 steps
 
     def __init__(self, lam: float, kinds: Iterable[str], neuron_group_size: int | None,
-                 weights: None | str | Mapping[str, float] = "params", warmup_steps: int = 0) -> None:
+                 weights: None | str | Mapping[str, float] = "params", warmup_steps: int = 0,
+                 loss_gate: bool = False) -> None:
         self.lam, self.kinds, self.neuron_group_size, self.weights = lam, tuple(kinds), neuron_group_size, weights
         self.warmup_steps, self.step = max(0, warmup_steps), 0
+        self.loss_gate = loss_gate
+        self.first_loss: Tensor | None = None  # L_1 and L̄_t (tensors: reading them would wait for a GPU)
+        self.mean_loss: Tensor | None = None
 
     def strength(self) -> float:
-        """λ_t for the current step."""
+        """λ_t for the current step (before the loss gate)."""
         if self.step >= self.warmup_steps:
             return self.lam
         return self.lam * (self.step + 1) / (self.warmup_steps + 1)
 
-    def __call__(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None) -> Tensor:
-        """λ_t R on one batch's traces; advances the step."""
+    def loss_gate_value(self, task_loss: Tensor) -> Tensor:
+        """g_t from this step's task loss (updates L̄_t); see the class docstring."""
+        task_loss = task_loss.detach().float()
+        if self.first_loss is None:
+            self.first_loss = self.mean_loss = task_loss
+        else:
+            self.mean_loss = self.GATE_DECAY * self.mean_loss + (1 - self.GATE_DECAY) * task_loss
+        return (1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1)
+
+    def __call__(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None,
+                 task_loss: Tensor | None = None) -> Tensor:
+        """λ_t R on one batch's traces (times g_t with `loss_gate`, which needs `task_loss`); advances the step."""
         lam = self.strength()
         self.step += 1
-        return lam * identity_prior(model, traces, mask, self.kinds, self.weights, self.neuron_group_size)
+        penalty = lam * identity_prior(model, traces, mask, self.kinds, self.weights, self.neuron_group_size)
+        if not self.loss_gate:
+            return penalty
+        if task_loss is None:
+            raise ValueError("PriorPenalty(loss_gate=True) needs the step's task loss")
+        return penalty * self.loss_gate_value(task_loss).to(penalty.dtype)
 
     def loss(self, ctx: StepContext) -> Tensor:
-        return self(ctx.model, ctx.traces, ctx.mask)
+        task_loss = None
+        if self.loss_gate:  # the global batch's mean task loss (one process: the loss itself)
+            task_loss = distributed.global_sum(ctx.loss.detach().float() * ctx.share)
+        return self(ctx.model, ctx.traces, ctx.mask, task_loss)
+
+    def epoch_log(self) -> dict:
+        if not self.loss_gate or self.mean_loss is None:
+            return {}
+        return {"prior_loss_gate": float((1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1))}
 
 
 def output_weight_groups(model: nn.Module, kinds: Iterable[str], neuron_group_size: int | None) -> list[Tensor]:
