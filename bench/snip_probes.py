@@ -1,4 +1,4 @@
-"""Two measurements behind the study's reading of SNIP's parts (docs/snip.md), at the study's setting.
+"""Measurements behind the study's reading of SNIP's parts (docs/snip.md), at the study's setting.
 
 * `--probe sn-binding`: does spectral normalization with the default bound (c = σ(W) at load time) act during
   SNIP's fine-tuning? After every optimiser step, the scale min(1, c / σ̂) of every normalised matrix (Q, K, V,
@@ -12,9 +12,16 @@
 * `--probe prox-zeros`: the proximal prior (`snip-prox`, λ = prox_lambda): after every epoch, the dev score and
   how many head and neuron-group output blocks are exactly zero, and which epoch the recipe keeps.
 
+* `--probe grad-balance`: along SNIP's fine-tuning (λ from `--prior-lambda`; 0 for plain fine-tuning), every
+  `--every` steps: the task loss, the norm of its gradient on the encoder's weights, the norm of the prior
+  R = Σ_m w_m ||f_m||'s gradient times the current λ_t, and R itself; and each epoch's dev score. Where the
+  task's gradient stays small (a loss on its plateau) the prior's can shrink the branches before the task is
+  learnt (docs/snip.md, CoLA).
+
     python bench/snip_probes.py --probe sn-binding --glue-dir ../shared/data/glue --task sst2
     python bench/snip_probes.py --probe block-bias --glue-dir ../shared/data/glue --task sst2
     python bench/snip_probes.py --probe prox-zeros --glue-dir ../shared/data/glue --task sst2
+    python bench/snip_probes.py --probe grad-balance --glue-dir ../shared/data/glue --task cola --prior-lambda 0
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from minisnip.pruning.removal import apply_pruning  # noqa: E402
 from minisnip.pruning.select import select_for_target  # noqa: E402
 from minisnip.snip import method as snip_method  # noqa: E402
 from minisnip.snip.norms import function_norms  # noqa: E402
-from minisnip.snip.prior import output_weight_groups  # noqa: E402
+from minisnip.snip.prior import PriorPenalty, identity_prior, output_weight_groups  # noqa: E402
 from minisnip.snip.spectral import SpectralNorm  # noqa: E402
 from minisnip.surgery import encoder_of  # noqa: E402
 from minisnip.train import StepContext, TrainConfig, TrainHook, fit  # noqa: E402
@@ -170,7 +177,65 @@ def prox_zeros(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
     return result, lines
 
 
-PROBES = {"sn-binding": sn_binding, "block-bias": block_bias, "prox-zeros": prox_zeros}
+class GradBalance(TrainHook):
+    """Every `every` steps (and at step 1): the task loss, ||∇_θ L_task|| and ||∇_θ λ_t R|| over the encoder's
+    layers θ, and R. Measures only: its `loss` returns None, and torch.autograd.grad leaves .grad alone."""
+
+    needs_traces = packed_traces = cls_traces = True  # the traces the prior reads, as PriorPenalty's
+
+    def __init__(self, prior: PriorPenalty | None, kinds, group: int | None, every: int) -> None:
+        self.prior, self.kinds, self.group, self.every = prior, kinds, group, every
+        self.rows: list[dict] = []
+
+    def loss(self, ctx: StepContext):
+        if ctx.step % self.every and ctx.step != 1:
+            return None
+        theta = [p for n, p in ctx.model.named_parameters() if ".layers." in f".{n}" and p.requires_grad]
+        r = identity_prior(ctx.model, ctx.traces, ctx.mask, self.kinds, "params", self.group)
+        g_task = torch.autograd.grad(ctx.loss, theta, retain_graph=True, allow_unused=True)
+        g_r = torch.autograd.grad(r, theta, retain_graph=True, allow_unused=True)
+        norm = lambda gs: float(torch.stack([g.float().pow(2).sum() for g in gs if g is not None]).sum().sqrt())  # noqa: E731
+        lam = self.prior.strength() if self.prior is not None else 0.0  # this step's λ_t: asked before the prior
+        #                                                                   hook's term advances its step
+        self.rows.append({"step": ctx.step, "loss": float(ctx.loss.detach()), "grad_task": norm(g_task),
+                          "grad_prior": lam * norm(g_r), "lambda_t": lam, "R": float(r.detach())})
+        return None
+
+
+def grad_balance(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
+    model = new_classifier(args.model_path, data.task, args.seed)
+    # λ = 0: plain fine-tuning (no SN either), the prior only measured
+    cfg = snip_method.Config(prior_lambda=args.prior_lambda, spectral_norm=args.prior_lambda > 0)
+    probe: list[GradBalance] = []
+
+    class WithProbe:  # SNIP's module, with the probe's hook before its prior's
+        STRUCTURED, SCHEDULED, USES_DISTILLATION = True, False, False
+        before_removal = staticmethod(snip_method.before_removal)
+
+        @staticmethod
+        def training_hooks(model, c, target, total_steps, kinds, group):
+            hooks = snip_method.training_hooks(model, c, target, total_steps, kinds, group)
+            prior = next((h for h in hooks if isinstance(h, PriorPenalty)), None)
+            probe.append(GradBalance(prior, kinds, group, args.every))
+            return [probe[0], *hooks]
+
+    history, _ = finetune_with(model, tokenizer, data, WithProbe, cfg, PruneConfig(target=0.5), train_cfg)
+    split, metric = next(iter(data.dev)), data.task.main_metric
+    rows = probe[0].rows
+    epochs = [{"epoch": e["epoch"], "dev": e["dev"][split][metric]} for e in history.epochs]
+    result = {"prior_lambda": args.prior_lambda, "every": args.every, "steps": rows, "epochs": epochs}
+    lines = [f"SNIP's fine-tuning at λ = {args.prior_lambda:g} (warm-up over half of the steps): gradient norms on "
+             f"the encoder's layers every {args.every} steps; dev {metric} per epoch: "
+             + ", ".join(f"{100 * e['dev']:.1f}" for e in epochs) + ".", "",
+             "| step | task loss | ‖∇ L_task‖ | ‖∇ λ_t R‖ | ratio | R |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r['grad_task'] / r['grad_prior']:.1f}" if r["grad_prior"] > 0 else "–"
+        lines.append(f"| {r['step']} | {r['loss']:.3f} | {r['grad_task']:.3f} | {r['grad_prior']:.4f} | {ratio} "
+                     f"| {r['R']:.1f} |")
+    return result, lines
+
+
+PROBES = {"sn-binding": sn_binding, "block-bias": block_bias, "prox-zeros": prox_zeros, "grad-balance": grad_balance}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,10 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prox-lambda", type=float, default=snip_method.Config().prox_lambda, help="prox-zeros: λ")
+    p.add_argument("--prior-lambda", type=float, default=snip_method.Config().prior_lambda,
+                   help="grad-balance: SNIP's λ (0: plain fine-tuning, no SN, the prior only measured)")
+    p.add_argument("--every", type=int, default=25, help="grad-balance: measure every this many steps")
     p.add_argument("--out", default=str(HERE / "results"), help="a folder, or the .json file to write")
     args = p.parse_args(argv)
-    if args.max_train < 1 or args.epochs < 1:
-        p.error(f"--max-train and --epochs must be ≥ 1, got {args.max_train}, {args.epochs}")
+    if args.max_train < 1 or args.epochs < 1 or args.every < 1:
+        p.error(f"--max-train, --epochs and --every must be ≥ 1, got {args.max_train}, {args.epochs}, {args.every}")
+    if not (args.prior_lambda >= 0 and args.prior_lambda < float("inf")):
+        p.error(f"--prior-lambda must be a finite number ≥ 0, got {args.prior_lambda}")
     torch.set_num_threads(args.threads)
     args.model_path = Path(args.model) if args.model else minisnip.default_model_path()
     tokenizer = minisnip.load_tokenizer(args.model_path)
@@ -206,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(probe=args.probe, task=args.task, setting=setting, code=code_version(), machine=machine,
                   wall_seconds=time.perf_counter() - t0)
     stem = f"snip_probe_{args.probe.replace('-', '_')}_{args.task}"
+    if args.probe == "grad-balance":
+        stem += f"_lambda{args.prior_lambda:g}"
     write_result(result, *result_paths(args.out, stem), table_text([setting, "", *lines], machine))
     return 0
 

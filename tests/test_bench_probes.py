@@ -62,3 +62,29 @@ def test_prox_zeros_probe_counts_groups_every_epoch(tmp_path, glue_fixtures_dir,
     assert [e["epoch"] for e in r["epochs"]] == [1, 2] and r["kept_epoch"] in (1, 2)
     # the tiny model: 4 heads and 64 / 16 = 4 neuron groups per layer
     assert all(e["groups"] == 8 * layers and e["exact_zero_groups"] == e["groups"] for e in r["epochs"])
+
+
+def test_grad_balance_probe_measures_both_gradients_without_changing_the_training(tmp_path, glue_fixtures_dir,
+                                                                                 tiny_folder, bench_script):
+    probes = bench_script("snip_probes")
+    argv = _argv("grad-balance", glue_fixtures_dir, tiny_folder, tmp_path)
+    assert probes.main([*argv, "--every", "2", "--prior-lambda", "0.01"]) == 0
+    r = json.loads((tmp_path / "snip_probe_grad_balance_rte_lambda0.01.json").read_text())
+    steps = [x["step"] for x in r["steps"]]
+    assert steps[0] == 1 and all(s % 2 == 0 for s in steps[1:]) and len(r["epochs"]) == 2
+    assert all(x["grad_task"] > 0 and x["grad_prior"] > 0 and x["R"] > 0 for x in r["steps"])
+    assert r["steps"][0]["lambda_t"] < r["steps"][-1]["lambda_t"] <= 0.01  # the warm-up, step by step
+    assert probes.main([*argv, "--every", "2", "--prior-lambda", "0"]) == 0  # plain: the prior only measured
+    plain = json.loads((tmp_path / "snip_probe_grad_balance_rte_lambda0.json").read_text())
+    assert all(x["grad_prior"] == 0 and x["R"] > 0 for x in plain["steps"])
+    # measuring changes nothing: the plain probe's dev scores are a plain fine-tune's
+    from minisnip.finetune import load_task_data, new_classifier
+    from minisnip.glue import TASKS
+    from minisnip.train import TrainConfig, fit
+    import minisnip
+    tok = minisnip.load_tokenizer(tiny_folder)
+    data = load_task_data("rte", tok, glue_fixtures_dir, 8, seed=0, max_length=32)
+    model = new_classifier(tiny_folder, TASKS["rte"], 1)
+    cfg = TrainConfig(epochs=2, lr=1e-4, batch_size=4, max_length=32, seed=1, progress=False)
+    history = fit(model, tok, data.task, data.train, data.dev, cfg)
+    assert [e["dev"]["dev"]["accuracy"] for e in history.epochs] == [e["dev"] for e in plain["epochs"]]
