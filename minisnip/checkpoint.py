@@ -435,22 +435,3 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
             raise _cannot_write(path, e) from None
         raise
     return path
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a folder, not a file")
-    created = _make_parents(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        _remove_empty(created)
-        if isinstance(e, OSError):
-            raise _cannot_write(path, e) from None
-        raise
-    return path
