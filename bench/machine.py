@@ -3,7 +3,6 @@ one run compare), their common options, and how a result is written."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
