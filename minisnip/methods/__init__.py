@@ -1,6 +1,7 @@
 """The pruning methods minisnip compares SNIP with, one plain module each (no registry: the command line maps
 names to modules in one literal dict). Each module has STRUCTURED, USES_DISTILLATION, DESCRIPTION, a `Config`
-dataclass, `training_hooks`, `before_removal` and, for structured methods, `scores`; the shared recipe is
+dataclass, `training_hooks`, `before_removal` and, for structured methods, `scores`; optionally `select` (its own
+selection) and `check` (what it refuses, found before any training or writing); the shared recipe is
 `minisnip.pruning.recipe`.
 
     magnitude.py               structured magnitude: heads / FFN neuron groups by the L2 norm of their weights
