@@ -224,8 +224,9 @@ def grad_balance(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
     rows = probe[0].rows
     epochs = [{"epoch": e["epoch"], "dev": e["dev"][split][metric]} for e in history.epochs]
     result = {"prior_lambda": args.prior_lambda, "every": args.every, "steps": rows, "epochs": epochs}
-    lines = [f"SNIP's fine-tuning at λ = {args.prior_lambda:g} (warm-up over half of the steps): gradient norms on "
-             f"the encoder's layers every {args.every} steps; dev {metric} per epoch: "
+    run = (f"SNIP's fine-tuning at λ = {args.prior_lambda:g} (warm-up over half of the steps)" if args.prior_lambda
+           else "Plain fine-tuning (λ = 0, no SN; the prior only measured)")
+    lines = [f"{run}: gradient norms on the encoder's layers every {args.every} steps; dev {metric} per epoch: "
              + ", ".join(f"{100 * e['dev']:.1f}" for e in epochs) + ".", "",
              "| step | task loss | ‖∇ L_task‖ | ‖∇ λ_t R‖ | ratio | R |", "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
