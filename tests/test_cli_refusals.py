@@ -44,6 +44,19 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+def stop_in_recovery(monkeypatch, stop: BaseException) -> None:
+    """Make prune's second call of fit (the recovery; the first is the fine-tuning) raise `stop`."""
+    import minisnip.pruning.recipe as recipe
+    real_fit, calls = recipe.fit, []
+
+    def fit_stopping_in_recovery(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise stop
+        return real_fit(*args, **kwargs)
+    monkeypatch.setattr(recipe, "fit", fit_stopping_in_recovery)
+
+
 def run(argv: list[str], capsys) -> tuple[int, str]:
     """main(argv) -> (exit status, stderr); argparse's own refusals (SystemExit) count as exits too."""
     try:
@@ -106,15 +119,7 @@ def test_a_run_that_fails_before_training_leaves_no_folder(tmp_path, tiny_folder
 
 def test_interrupted_prune_is_marked_and_complete(tmp_path, tiny_folder, glue_fixtures_dir, capsys, monkeypatch):
     """Ctrl-C during recovery: the run folder is in place and its result.json says "interrupted"."""
-    import minisnip.pruning.recipe as recipe
-    real_fit, calls = recipe.fit, []
-
-    def fit_interrupted_in_recovery(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_fit(*args, **kwargs)
-    monkeypatch.setattr(recipe, "fit", fit_interrupted_in_recovery)
+    stop_in_recovery(monkeypatch, KeyboardInterrupt())
     out = tmp_path / "run"
     code, err = run(["prune", "--task", "rte", "--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder),
                      "--out", str(out), "--target", "0.3", "--no-plots", *QUICK], capsys)
@@ -257,15 +262,7 @@ def test_a_run_that_fails_over_an_earlier_run_leaves_that_run_whole(stop, finish
                                                                      glue_fixtures_dir, capsys, monkeypatch):
     """--overwrite replaces a finished run only with one that completed: a failed or interrupted run lands
     beside it, in <out>.failed-<time>, with its result.json saying how it ended."""
-    import minisnip.pruning.recipe as recipe
-    real_fit, calls = recipe.fit, []
-
-    def fit_failing_in_recovery(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise stop
-        return real_fit(*args, **kwargs)
-    monkeypatch.setattr(recipe, "fit", fit_failing_in_recovery)
+    stop_in_recovery(monkeypatch, stop)
     out = copy_run(finished_run, tmp_path / "run")
     before = snapshot(out)
     code, err = run(["prune", "--task", "rte", "--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder),

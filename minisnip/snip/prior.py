@@ -135,6 +135,10 @@ class PriorPenalty(TrainHook):
             self.first_loss = self.mean_loss = task_loss
         else:
             self.mean_loss = self.GATE_DECAY * self.mean_loss + (1 - self.GATE_DECAY) * task_loss
+        return self._gate()
+
+    def _gate(self) -> Tensor:
+        """g_t from the current L̄_t and L_1."""
         return (1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1)
 
     def __call__(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None,
@@ -158,7 +162,7 @@ class PriorPenalty(TrainHook):
     def epoch_log(self) -> dict:
         if not self.loss_gate or self.mean_loss is None:
             return {}
-        return {"prior_loss_gate": float((1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1))}
+        return {"prior_loss_gate": float(self._gate())}
 
 
 def output_weight_groups(model: nn.Module, kinds: Iterable[str], neuron_group_size: int | None) -> list[Tensor]:
