@@ -23,6 +23,10 @@ so "backward / prior" is the backward through the prior's graph, "backward / SN"
 parametrization. Profiled times are self CPU time per step, inflated by the profiler's per-op overhead: read
 them as shares.
 
+Decomposition. `--methods snip snip-no-prior plain-traced snip-no-sn` times, side by side, plain fine-tuning, the
+same with the traced forward the prior needs (`plain-traced`: a hook asks for the traces and reads none), with the
+prior on those traces (snip-no-sn) and with SN too (snip): the differences are what each part costs.
+
 Numbers. Every run records its step losses (and SNIP's prior values): rounds of one method must agree
 exactly (`deterministic`), and two versions of minisnip can be compared on them.
 
@@ -64,6 +68,7 @@ from minisnip.tokenizer import load_tokenizer  # noqa: E402
 from minisnip.train import StepContext, TrainConfig, TrainHook  # noqa: E402
 
 SNIP, PLAIN = "snip", "snip-no-prior"
+TRACED = "plain-traced"  # plain fine-tuning that records the prior's traces and uses none of them (TraceOnly)
 PHASES = ("forward", "prior", "backward", "optimizer")
 CPU_PHASES = tuple(f"{p}_cpu" for p in PHASES)
 PROFILE_KEYS = ("forward", "forward / SN", "prior", "prior / SN", "backward", "backward / SN", "backward / prior",
@@ -79,9 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="BERT folder (default: minisnip.default_model_path())")
     p.add_argument("--glue-dir", default=None, help=f"GLUE TSV folder (default: ${GLUE_DIR_ENV})")
     p.add_argument("--task", nargs="+", default=["sst2"], help="GLUE task(s), one result file each (sst2)")
-    p.add_argument("--methods", nargs="+", default=[SNIP, PLAIN], choices=list(METHODS),
-                   help="methods to time; the first is compared with the second (snip snip-no-prior; "
-                        "add snip-no-sn to see SN's share as a difference)")
+    p.add_argument("--methods", nargs="+", default=[SNIP, PLAIN], choices=[*METHODS, TRACED],
+                   help="methods to time; each is compared with the second (snip snip-no-prior; add "
+                        f"{TRACED} for the traced forward's share, snip-no-sn for the prior's, and so SN's)")
     p.add_argument("--max-train", type=int, default=None,
                    help="train examples, a random sample drawn with the seed (default 4000; --quick 320)")
     p.add_argument("--steps", type=int, default=None,
@@ -134,8 +139,9 @@ def train_config(args: argparse.Namespace, epochs: int | None = None) -> TrainCo
 
 
 def method_config(name: str):
-    """The method module and its Config as `prune --method NAME` builds them (defaults + METHODS overrides)."""
-    module, overrides = METHODS[name]
+    """The method module and its Config as `prune --method NAME` builds them (defaults + METHODS overrides);
+    TRACED: snip-no-prior's."""
+    module, overrides = METHODS[PLAIN if name == TRACED else name]
     return module, module.Config(**overrides)
 
 
@@ -203,6 +209,14 @@ class StepClock(TrainHook):
             raise _Enough
 
 
+class TraceOnly(TrainHook):
+    """Asks `fit` for the layer traces SNIP's prior reads (packed, the last layer's FFN output at [CLS] only) and
+    adds no loss term: the cost of the traced forward alone. What the prior adds on top of it (its sums, and the
+    backward through the last layer's other tokens, which only the prior's graph reaches) is snip-no-sn minus this."""
+
+    needs_traces = packed_traces = cls_traces = True
+
+
 class PhaseTimed(TrainHook):
     """A method's hook, unchanged, whose loss term is timed as the "prior" phase (its values recorded)."""
 
@@ -234,14 +248,17 @@ class PhaseTimed(TrainHook):
         return self.inner.epoch_log()
 
 
-def timed_method(module: types.ModuleType, clock: PhaseClock, record: dict) -> types.SimpleNamespace:
-    """The method module as the recipe sees it, with its training hooks wrapped by `PhaseTimed`; when the
-    clock profiles, every SpectralNorm call becomes a `record_function("sn")` range."""
+def timed_method(module: types.ModuleType, clock: PhaseClock, record: dict,
+                 trace_only: bool = False) -> types.SimpleNamespace:
+    """The method module as the recipe sees it, with its training hooks wrapped by `PhaseTimed` (and a
+    `TraceOnly` hook added with trace_only); when the clock profiles, every SpectralNorm call becomes a
+    `record_function("sn")` range."""
     proxy = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
     proxy.__name__ = module.__name__
 
     def training_hooks(model: nn.Module, *a, **k):
-        hooks = [PhaseTimed(h, clock) for h in module.training_hooks(model, *a, **k)]
+        inner = list(module.training_hooks(model, *a, **k)) + ([TraceOnly()] if trace_only else [])
+        hooks = [PhaseTimed(h, clock) for h in inner]
         record["hooks"] = hooks
         if clock.profiling:
             for m in model.modules():
@@ -288,8 +305,9 @@ def run_once(name: str, folder: Path, tokenizer, data: TaskData, args: argparse.
     pcfg = PruneConfig(target=None)
     load = loadavg()
     try:
-        history, _ = finetune_with(model, tokenizer, data, timed_method(module, clock, record), cfg, pcfg,
-                                   train_config(args), extra_hooks=[clock_hook], restore_best=False)
+        timed = timed_method(module, clock, record, trace_only=name == TRACED)
+        history, _ = finetune_with(model, tokenizer, data, timed, cfg, pcfg, train_config(args),
+                                   extra_hooks=[clock_hook], restore_best=False)
         h = history.to_dict()
     except _Enough:
         h = {"steps": len(clock.steps), "train_seconds": None, "train_cpu_seconds": None, "train_examples": None,
@@ -488,8 +506,9 @@ def markdown(result: dict) -> str:
     lines += ["", "Step phases (ms per step, mean over all steps of all rounds; wall clock, then process CPU time) "
                   "stamped by a TrainHook: forward = model forward + task loss (the trace when "
                   "SNIP records one), prior = the method's loss terms, backward = zero_grad + backward, optimizer = "
-                  "clipping + AdamW + schedule. Ratios: SNIP over plain fine-tuning of the same model "
-                  "(snip-no-prior), same batches; above 1, SNIP is slower."]
+                  "clipping + AdamW + schedule. Ratios: each method over the second (by default SNIP over plain "
+                  f"fine-tuning of the same model, snip-no-prior), same batches; above 1, slower. {TRACED}: plain "
+                  "fine-tuning that records the prior's traces and reads none (the traced forward's cost)."]
     return table_text(lines, m, result["wall_seconds"])
 
 
