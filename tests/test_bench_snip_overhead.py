@@ -78,3 +78,29 @@ def test_arguments_refused(bench_script, glue_fixtures_dir):
             bench.parse_args(["--glue-dir", str(glue_fixtures_dir), *argv])
     args = bench.parse_args(["--glue-dir", str(glue_fixtures_dir), "--steps", "3", "--batch-size", "4"])
     assert args.max_train == 12 and args.epochs == 1
+
+
+def test_plain_traced_records_the_traces_and_adds_no_term(bench_script, tiny_folder, glue_fixtures_dir, tmp_path,
+                                                          monkeypatch):
+    """plain-traced: snip-no-prior's recipe, with fit asked for the prior's packed, [CLS]-last traces (TraceOnly),
+    none read; compared with the second method like any other."""
+    bench = bench_script("bench_snip_overhead")
+    seen = []
+
+    class Spy(bench.TraceOnly):
+        def loss(self, ctx):
+            seen.append((len(ctx.traces), ctx.traces[-1].packing is not None or ctx.mask is None))
+            return None
+
+    monkeypatch.setattr(bench, "TraceOnly", Spy)
+    results = bench.main(["--quick", "--model", str(tiny_folder), "--glue-dir", str(glue_fixtures_dir),
+                          "--task", "sst2", "--batch-size", "2", "--max-length", "32", "--max-train", "4",
+                          "--profile-steps", "0", "--threads", "1", "--out", str(tmp_path),
+                          "--methods", "snip-no-sn", "snip-no-prior", "plain-traced"])
+    layers = json.loads((tiny_folder / "config.json").read_text())["num_hidden_layers"]
+    assert len(seen) == 2 * 2 and all(n == layers and packed for n, packed in seen)  # 2 rounds x 2 steps
+    data = results["sst2"]
+    runs = [r for r in data["runs"] if r["method"] == "plain-traced"]
+    assert runs and all(r["prior_values"] == [] and all(s["prior"] < 0.01 for s in r["phases"]) for r in runs)
+    assert set(data["summary"]["ratios"]) == {"snip-no-sn / snip-no-prior", "plain-traced / snip-no-prior"}
+    assert "plain-traced: plain fine-tuning" in (tmp_path / "snip_overhead_sst2_quick.md").read_text()
