@@ -77,6 +77,7 @@ VARIANTS: dict[str, tuple] = {
     "snip-lambda1e-3": (snip_method, {"prior_lambda": 1e-3}),
     "snip-warmup0": (snip_method, {"prior_warmup": 0.0}),
     "snip-loss-gate": (snip_method, {"prior_gate": "loss"}),  # λ_t times the share of the first loss explained
+    "snip-baseline-gate": (snip_method, {"prior_gate": "baseline"}),  # λ_t gated by the loss below a constant one's
     "snip-unweighted": (snip_method, {"prior_weights": None}),
     "snip-prox-lambda30": (snip_method, {"prior_step": "proximal", "prox_lambda": 30.0}),
     "snip-prox-lambda100": (snip_method, {"prior_step": "proximal", "prox_lambda": 100.0}),

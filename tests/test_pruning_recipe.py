@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -168,10 +169,16 @@ def test_scores_before_recovery_are_evaluated_as_fit_evaluates(tiny_folder, glue
     assert dev_scores(model, tokenizer, data)[split] != as_fit  # float32: not the same numbers
 
 
-def test_the_loss_gated_prior_runs_through_the_recipe_and_logs_its_gate(tiny_folder, glue_fixtures_dir, tmp_path):
+@pytest.mark.parametrize("gate,task", [("loss", "sst2"), ("baseline", "sst2"), ("baseline", "stsb")])
+def test_the_gated_prior_runs_through_the_recipe_and_logs_its_gate(tiny_folder, glue_fixtures_dir, tmp_path, gate,
+                                                                    task):
     from minisnip.snip import method as snip_method
-    result = run_prune("sst2", tmp_path / "gated", "snip", snip_method, SnipConfig(prior_gate="loss"),
+    result = run_prune(task, tmp_path / "gated", "snip", snip_method, SnipConfig(prior_gate=gate),
                        PruneConfig(target=0.3), tiny_folder, glue_fixtures_dir, quick(epochs=2))
     epochs = result["scores"]["finetune_history"]["epochs"]
     assert result["status"] == "completed" and len(epochs) == 2
     assert all(0.0 <= e["prior_loss_gate"] <= 1.0 for e in epochs)
+    if gate == "baseline":  # the constant predictor's loss on the labels seen: an entropy, or a variance
+        assert all(e["prior_gate_baseline_loss"] > 0 for e in epochs)
+        if task == "sst2":
+            assert all(e["prior_gate_baseline_loss"] <= math.log(2) + 1e-6 for e in epochs)

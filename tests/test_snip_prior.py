@@ -229,7 +229,7 @@ def test_loss_gate_scales_the_prior_by_the_share_of_its_first_loss_explained():
         m(ids, mask, trace=trace)
         r = identity_prior(m, trace, mask, kinds=("head", "ffn"), weights=None)
     plain = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None)
-    gated = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None, loss_gate=True)
+    gated = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None, gate="loss")
     expected = []
     mean = None
     for loss in (1.0, 0.5, 0.5, 2.0):
@@ -246,9 +246,45 @@ def test_loss_gate_scales_the_prior_by_the_share_of_its_first_loss_explained():
         gated(m, trace, mask)
 
 
+@pytest.mark.parametrize("regression", [False, True])
+def test_baseline_gate_opens_as_the_loss_falls_below_a_constant_predictors(regression):
+    """g_t = clamp((1 - L̄_t / B_t) / 0.25, 0, 1), B_t = the entropy of the class frequencies seen (or the variance
+    of the targets), L̄_t as for the loss gate; by hand."""
+    from minisnip.snip.prior import PriorPenalty
+    m = make_model()
+    ids, mask = make_batch()
+    trace = []
+    with torch.no_grad():
+        m(ids, mask, trace=trace)
+        r = identity_prior(m, trace, mask, kinds=("head", "ffn"), weights=None)
+    gated = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None, gate="baseline")
+    with pytest.raises(ValueError, match="seen no labels"):
+        gated.baseline_loss()
+    if regression:
+        batches = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]
+        baselines = [0.25, 1.25]  # the variance of 1, 2 and of 1, 2, 3, 4
+    else:
+        batches = [torch.tensor([0, 0]), torch.tensor([1, 0])]
+        p = 0.75
+        baselines = [0.0, -(p * math.log(p) + (1 - p) * math.log(1 - p))]  # one class; then 3 of 4 in class 0
+    mean = None
+    for labels, base, loss in zip(batches, baselines, (0.9, 0.1)):
+        gated.observe_labels(labels, regression, 2)
+        assert gated.baseline_loss().item() == pytest.approx(base, abs=1e-6)
+        mean = loss if mean is None else 0.98 * mean + 0.02 * loss
+        expected = min(1.0, max(0.0, (1 - mean / max(base, 1e-12)) / 0.25))
+        with torch.no_grad():
+            got = gated(m, trace, mask, torch.tensor(loss))
+        assert got.item() == pytest.approx(1e-3 * r.item() * expected, rel=1e-5, abs=1e-12)
+    assert gated.epoch_log()["prior_gate_baseline_loss"] == pytest.approx(baselines[-1], rel=1e-6)
+    with pytest.raises(ValueError, match="gate must be one of"):
+        PriorPenalty(1e-3, ("head",), None, gate="grad")
+
+
 def test_loss_gate_is_a_switch_of_snips_config():
     from minisnip.snip.method import Config
     assert Config().prior_gate == "none" and Config(prior_gate="loss").prior_gate == "loss"
+    assert Config(prior_gate="baseline").prior_gate == "baseline"
     with pytest.raises(ValueError, match="prior_gate must be one of"):
         Config(prior_gate="grad")
     with pytest.raises(ValueError, match="not to the proximal step"):

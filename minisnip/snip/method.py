@@ -31,7 +31,7 @@ DESCRIPTION = "SNIP (Lin et al. 2020): identity prior + spectral normalization, 
 
 
 PRIOR_STEPS = ("subgradient", "proximal")
-PRIOR_GATES = ("none", "loss")
+PRIOR_GATES = ("none", "loss", "baseline")
 SN_MATRICES = {"all": ("qkv", "out", "up", "down"), "ffn": ("up", "down"), "attention": ("qkv", "out")}
 
 
@@ -49,8 +49,9 @@ class Config:
     sn_matrices: str = "all"  # which branch matrices SN normalises: "all" (QKV, O, W_1, W_2), "ffn", "attention"
     prior_step: str = "subgradient"  # "subgradient": λ Σ w_m ||f_m|| in the loss; "proximal": prox of the group
     #                                  lasso on the branches' output weights after each step (prior.ProximalPrior)
-    prior_gate: str = "none"  # "loss": λ_t also scaled by the share of its first loss the task has explained
-    #                           (prior.PriorPenalty, loss_gate; not the paper's); "none": the paper's prior
+    prior_gate: str = "none"  # "loss": λ_t also scaled by the share of its first loss the task has explained;
+    #                           "baseline": by how far its loss is below a constant predictor's (prior.PriorPenalty,
+    #                           gate; neither is the paper's); "none": the paper's prior
     prox_lambda: float = 300.0  # λ of the proximal step, on the scale of output-weight norms (how 300 was reasoned
     #                             from MiniLM's norms and the study's schedule: docs/snip.md, the proximal step)
 
@@ -104,7 +105,7 @@ def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_st
     if cfg.prior_step == "proximal":
         return [ProximalPrior(cfg.prox_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup)]
     return [PriorPenalty(cfg.prior_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup,
-                         loss_gate=cfg.prior_gate == "loss")]
+                         gate=cfg.prior_gate)]
 
 
 def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:

@@ -99,37 +99,51 @@ class PriorPenalty(TrainHook):
     would shrink every branch before the task has said which ones it needs (docs/snip.md, "Why λ warms up",
     has the measurement). `step` counts the calls so far.
 
-    With `loss_gate` (an option of minisnip's, not the paper's) λ_t is further multiplied by how much of its
-    first loss the task has explained so far,
+    With a `gate` (an option of minisnip's, not the paper's) λ_t is further multiplied by g_t in [0, 1], computed
+    from the task loss L_t of each step (of the global batch under torchrun) through its running mean
+    L̄_t = 0.98 L̄_{t-1} + 0.02 L_t, L̄_1 = L_1, so that on a task whose loss stays on its plateau the prior waits
+    instead of shrinking every branch before the task is learnt (docs/snip.md, CoLA):
 
-        g_t = clamp(1 - L̄_t / L_1, 0, 1),    L̄_t = 0.98 L̄_{t-1} + 0.02 L_t,  L̄_1 = L_1     (`loss_gate_value`)
+        "loss":      g_t = clamp(1 - L̄_t / L_1, 0, 1)                  the share of its first loss explained
+        "baseline":  g_t = clamp((1 - L̄_t / B_t) / 0.25, 0, 1)         how far below a constant predictor
 
-    with L_t the task loss of step t (of the global batch under torchrun): on a task whose loss stays on its
-    plateau the prior waits instead of shrinking every branch before the task is learnt (docs/snip.md, CoLA).
+    B_t is the loss of the best constant prediction on the labels seen so far: the entropy -Σ_c p_c log p_c of
+    their class frequencies (cross-entropy), or their variance (mean squared error, regression). "baseline" is
+    0 while the model does no better than predicting the majority class (or the mean), and fully open once its
+    loss is a quarter (GATE_MARGIN) below that; "loss" also counts the first steps' fall from a random head's
+    loss to the majority class's as learning, and opens only in proportion.
     """
 
     needs_traces = True
     packed_traces = True  # the norms are sums over real tokens: a packed trace gives them without the padding
     cls_traces = True  # and they read the FFN output through LayerTrace.ffn_output
+    GATES = ("none", "loss", "baseline")
     GATE_DECAY = 0.98  # the loss average's memory: about 50 steps
+    GATE_MARGIN = 0.25  # "baseline": open once the loss is this share below the constant predictor's (a choice)
 
     def __init__(self, lam: float, kinds: Iterable[str], neuron_group_size: int | None,
                  weights: None | str | Mapping[str, float] = "params", warmup_steps: int = 0,
-                 loss_gate: bool = False) -> None:
+                 gate: str = "none") -> None:
+        if gate not in self.GATES:
+            raise ValueError(f"gate must be one of {self.GATES}, got {gate!r}")
         self.lam, self.kinds, self.neuron_group_size, self.weights = lam, tuple(kinds), neuron_group_size, weights
         self.warmup_steps, self.step = max(0, warmup_steps), 0
-        self.loss_gate = loss_gate
+        self.gate = gate
         self.first_loss: Tensor | None = None  # L_1 and L̄_t (tensors: reading them would wait for a GPU)
         self.mean_loss: Tensor | None = None
+        # "baseline": the labels seen so far, as class counts (classification) or [n, Σy, Σy²] (regression)
+        self.label_stats: Tensor | None = None
+        self.regression: bool | None = None
 
     def strength(self) -> float:
-        """λ_t for the current step (before the loss gate)."""
+        """λ_t for the current step (before the gate)."""
         if self.step >= self.warmup_steps:
             return self.lam
         return self.lam * (self.step + 1) / (self.warmup_steps + 1)
 
     def loss_gate_value(self, task_loss: Tensor) -> Tensor:
-        """g_t from this step's task loss (updates L̄_t); see the class docstring."""
+        """g_t from this step's task loss (updates L̄_t; "baseline" reads the labels `observe_labels` added so
+        far); see the class docstring."""
         task_loss = task_loss.detach().float()
         if self.first_loss is None:
             self.first_loss = self.mean_loss = task_loss
@@ -137,32 +151,73 @@ class PriorPenalty(TrainHook):
             self.mean_loss = self.GATE_DECAY * self.mean_loss + (1 - self.GATE_DECAY) * task_loss
         return self._gate()
 
+    @staticmethod
+    def label_stats_of(labels: Tensor, regression: bool, num_labels: int) -> Tensor:
+        """B_t's statistics of a batch of labels: class counts (num_labels,), or [n, Σy, Σy²] (regression)."""
+        if regression:
+            y = labels.detach().double().reshape(-1)
+            return torch.stack([y.new_tensor(float(y.numel())), y.sum(), (y * y).sum()])
+        return torch.bincount(labels.detach().long().reshape(-1), minlength=num_labels)[:num_labels].double()
+
+    def observe_labels(self, labels: Tensor, regression: bool, num_labels: int) -> None:
+        """Add one batch's labels to B_t's statistics."""
+        self._add_label_stats(self.label_stats_of(labels, regression, num_labels), regression)
+
+    def _add_label_stats(self, stats: Tensor, regression: bool) -> None:
+        self.regression = regression
+        self.label_stats = stats if self.label_stats is None else self.label_stats + stats
+
+    def baseline_loss(self) -> Tensor:
+        """B_t: the loss of the best constant prediction on the labels seen so far (see the class docstring)."""
+        if self.label_stats is None:
+            raise ValueError('the "baseline" gate has seen no labels yet (observe_labels)')
+        st = self.label_stats
+        if self.regression:
+            n = st[0].clamp_min(1)
+            return (st[2] / n - (st[1] / n) ** 2).clamp_min(0).float()
+        p = st / st.sum().clamp_min(1)
+        return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum().float()
+
     def _gate(self) -> Tensor:
-        """g_t from the current L̄_t and L_1."""
+        """g_t from the current L̄_t (and L_1, or B_t)."""
+        if self.gate == "baseline":
+            explained = 1 - self.mean_loss / self.baseline_loss().to(self.mean_loss.device).clamp_min(1e-12)
+            return (explained / self.GATE_MARGIN).clamp(0, 1)
         return (1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1)
 
     def __call__(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None,
                  task_loss: Tensor | None = None) -> Tensor:
-        """λ_t R on one batch's traces (times g_t with `loss_gate`, which needs `task_loss`); advances the step."""
+        """λ_t R on one batch's traces (times g_t with a gate, which needs `task_loss`); advances the step."""
         lam = self.strength()
         self.step += 1
         penalty = lam * identity_prior(model, traces, mask, self.kinds, self.weights, self.neuron_group_size)
-        if not self.loss_gate:
+        if self.gate == "none":
             return penalty
         if task_loss is None:
-            raise ValueError("PriorPenalty(loss_gate=True) needs the step's task loss")
+            raise ValueError(f"PriorPenalty(gate={self.gate!r}) needs the step's task loss")
         return penalty * self.loss_gate_value(task_loss).to(penalty.dtype)
 
     def loss(self, ctx: StepContext) -> Tensor:
         task_loss = None
-        if self.loss_gate:  # the global batch's mean task loss (one process: the loss itself)
+        if self.gate != "none":  # the global batch's mean task loss (one process: the loss itself)
             task_loss = distributed.global_sum(ctx.loss.detach().float() * ctx.share)
+        if self.gate == "baseline":
+            regression = getattr(ctx.model, "is_regression", None)
+            if regression is None:
+                raise ValueError('the "baseline" gate needs a classifier (BertForSequenceClassification): it reads '
+                                 "the task's labels and loss")
+            labels = ctx.batch["labels"] if ctx.share else ctx.batch["labels"][:0]  # share 0: no example of its own
+            mine = self.label_stats_of(labels, regression, ctx.model.config.num_labels)
+            self._add_label_stats(distributed.global_sum(mine), regression)  # the global batch's labels
         return self(ctx.model, ctx.traces, ctx.mask, task_loss)
 
     def epoch_log(self) -> dict:
-        if not self.loss_gate or self.mean_loss is None:
+        if self.gate == "none" or self.mean_loss is None:
             return {}
-        return {"prior_loss_gate": float(self._gate())}
+        out = {"prior_loss_gate": float(self._gate())}
+        if self.gate == "baseline":
+            out["prior_gate_baseline_loss"] = float(self.baseline_loss())
+        return out
 
 
 def output_weight_groups(model: nn.Module, kinds: Iterable[str], neuron_group_size: int | None) -> list[Tensor]:
