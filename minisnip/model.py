@@ -200,25 +200,16 @@ class Attention(nn.Module):
             ctx = ctx * self.head_gate.view(1, -1, 1, 1).to(ctx)
         return ctx
 
-    def merge(self, ctx: Tensor, packing: Packing | None = None) -> Tensor:
-        """concat_h ctx_h, the input of W_O: (batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim), or
-        with packing the real tokens only, (tokens, heads * head_dim)."""
-        b, n, s, d = ctx.shape
-        merged = ctx.transpose(1, 2).reshape(b, s, n * d)
-        return merged if packing is None else packing.pack(merged)
-
-    def project_merged(self, merged: Tensor) -> Tensor:
-        """W_O merged + b_O, gated if set: (..., heads * head_dim) -> (..., hidden)."""
-        out = self.out(merged)
-        if self.gate is not None:
-            out = out * self.gate.to(out)
-        return out
-
     def project(self, ctx: Tensor, packing: Packing | None = None) -> Tensor:
         """W_O concat_h ctx_h + b_O: (batch, heads, seq, head_dim) -> (batch, seq, hidden), gated if set.
 
         packing: project the real tokens only, returning them packed, (tokens, hidden)."""
-        return self.project_merged(self.merge(ctx, packing))
+        b, n, s, d = ctx.shape
+        merged = ctx.transpose(1, 2).reshape(b, s, n * d)
+        out = self.out(merged if packing is None else packing.pack(merged))
+        if self.gate is not None:
+            out = out * self.gate.to(out)
+        return out
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """The branch output Attn(x), before dropout and the residual sum."""
@@ -323,7 +314,6 @@ class LayerTrace:
     y: Tensor
     packing: Packing | None = None
     cls_rows: Tensor | None = None
-    merged: Tensor | None = None  # the heads' contexts as W_O read them (`Attention.merge`); packed with `packing`
 
 
     def ffn_output(self, layer: Layer) -> Tensor | None:
@@ -356,7 +346,7 @@ class Layer(nn.Module):
         the branches' norms read), the FFN's output W_2 z and the layer's output for those rows alone:
         (batch, 1, hidden), as with cls_only."""
         # attention sub-layer: h = LN(x + Attn(x)); a removed block contributes 0, so h = LN(x)
-        ctx = a = merged = None
+        ctx = a = None
         if cls_only:
             x, keys = x[:, :1], x
         if self.attention is None:
@@ -364,8 +354,7 @@ class Layer(nn.Module):
         else:
             ctx = self.attention.context(keys, mask, cls_only=True) if cls_only \
                 else self.attention.context(x, mask, packing=packing)
-            merged = self.attention.merge(ctx, packing)
-            a = self.attention.project_merged(merged)
+            a = self.attention.project(ctx, packing)
             h = self.attention_norm(x + self.dropout(a))
         # feed-forward sub-layer: y = LN(h + FFN(h)); a removed block contributes 0, so y = LN(h)
         z = f = None
@@ -379,7 +368,7 @@ class Layer(nn.Module):
             y = self.ffn_norm(h_out + self.dropout(f))
         if trace is not None:
             trace.append(LayerTrace(x=x, context=ctx, attention_out=a, h=h, ffn_act=z, ffn_out=f, y=y,
-                                    packing=packing, cls_rows=cls_rows, merged=merged))
+                                    packing=packing, cls_rows=cls_rows))
         return y if cls_rows is None else y.unsqueeze(1)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -190,7 +189,6 @@ def test_summed_norms_equal_per_token_norms_summed_values_and_gradients(make, la
             # attention kernels return (B, n, S, d) views of (B, S, n, d) memory; the reference layout is contiguous
             t.context = t.context.contiguous() if layout == "contiguous" \
                 else t.context.transpose(1, 2).contiguous().transpose(1, 2)
-            t.merged = None  # the head sums then read this context (otherwise W_O's input, recorded beside it)
     kinds = ("head", "attention", "ffn", "neurons")
     params = [p for p in m.parameters()]
     g = torch.Generator().manual_seed(0)
@@ -247,32 +245,6 @@ def test_packed_trace_gives_the_sums_of_the_padded_trace_values_and_gradients(ma
                 torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="packed"):
         branch_sq_norms(trace[0], m.layers[0], bt["attention_mask"].bool(), kinds, layer_index=0, neuron_group_size=32)
-
-
-@pytest.mark.parametrize("pack", [False, True])
-def test_head_sums_read_the_projections_input_as_the_context_gives_it(pack):
-    """The head sums read `LayerTrace.merged`, the tensor W_O read: the same values and gradients (float64) as
-    from the context, merged again (a trace without `merged`), and no copy of their own."""
-    from minisnip.snip.norms import batch_sq_norms
-    m = pruned_model().double()
-    bt = batch()
-    trace = []
-    m(bt["input_ids"], bt["attention_mask"], bt["token_type_ids"], trace=trace, pack_trace=pack)
-    for t, layer in zip(trace, m.layers):
-        if layer.attention is not None:
-            torch.testing.assert_close(t.merged, layer.attention.merge(t.context, t.packing), rtol=0, atol=0)
-    params = list(m.parameters())
-    runs = []
-    for tr in (trace, [dataclasses.replace(t, merged=None) for t in trace]):
-        names, sums, _ = batch_sq_norms(m, tr, bt["attention_mask"], ("head", "neurons"), 32)
-        runs.append((names, sums, torch.autograd.grad(sums.sum(), params, allow_unused=True, retain_graph=True)))
-    (n0, s0, g0), (n1, s1, g1) = runs
-    assert n0 == n1 and any(parse_name(n)[1] == "head" for n in n0)
-    torch.testing.assert_close(s0, s1, rtol=1e-13, atol=1e-13)
-    for x, y in zip(g0, g1):
-        assert (x is None) == (y is None)
-        if x is not None:
-            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
 
 
 def test_block_norms_equal_brute_force_over_real_tokens():

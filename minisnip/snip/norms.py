@@ -208,13 +208,11 @@ def branch_sq_sums(trace_layer: LayerTrace, layer_module: Layer, mask: Tensor | 
             ctx = trace_layer.context                                                # (B, n, S, d)
             n, d = ctx.shape[1], ctx.shape[3]
             w = attn.out.weight.view(attn.out.out_features, n, d)                    # W_h = w[:, h, :]
-            # (B, S, n d), or packed (tokens, n d): the very tensor W_O read, so no second copy, and the prior's
-            # gradient joins the projection's before the way back to the kernels' layout
-            merged = trace_layer.merged if trace_layer.merged is not None else attn.merge(ctx, packing)
+            merged = ctx.transpose(1, 2).reshape(b, s, n * d)  # (B, S, n d): a view of the kernels' output layout
             if packing is not None:  # the real tokens, as the projection reads them: no mask, no work on padding
-                x, k = merged, None
+                x, k = packing.pack(merged), None
             else:
-                x, k = merged.reshape(b * s, n * d), None if keep is None else keep.view(1, b * s, 1)
+                x, k = merged.view(b * s, n * d), None if keep is None else keep.view(1, b * s, 1)
             sq = _GramSums.apply(x.view(-1, n, d).transpose(0, 1), k, w)            # (n, tokens, d) -> (n,)
             gate = _block_gate_sq(attn, sq.dtype)
             sums.append(sq if gate is None else sq * gate)
