@@ -219,15 +219,22 @@ def test_proximal_prior_acts_on_the_weight_under_spectral_normalization():
         assert torch.equal(layer.attention.out.weight, torch.zeros_like(layer.attention.out.weight))
 
 
-def test_loss_gate_scales_the_prior_by_the_share_of_its_first_loss_explained():
-    """g_t = clamp(1 - L̄_t / L_1, 0, 1), L̄_t = 0.98 L̄_{t-1} + 0.02 L_t, by hand."""
-    from minisnip.snip.prior import PriorPenalty
+def traced_prior():
+    """(model, its trace of one batch, the batch's mask, R on heads and FFN blocks, unweighted): what the gates
+    scale."""
     m = make_model()
     ids, mask = make_batch()
     trace = []
     with torch.no_grad():
         m(ids, mask, trace=trace)
         r = identity_prior(m, trace, mask, kinds=("head", "ffn"), weights=None)
+    return m, trace, mask, r
+
+
+def test_loss_gate_scales_the_prior_by_the_share_of_its_first_loss_explained():
+    """g_t = clamp(1 - L̄_t / L_1, 0, 1), L̄_t = 0.98 L̄_{t-1} + 0.02 L_t, by hand."""
+    from minisnip.snip.prior import PriorPenalty
+    m, trace, mask, r = traced_prior()
     plain = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None)
     gated = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None, gate="loss")
     expected = []
@@ -251,12 +258,7 @@ def test_baseline_gate_opens_as_the_loss_falls_below_a_constant_predictors(regre
     """g_t = clamp((1 - L̄_t / B_t) / 0.25, 0, 1), B_t = the entropy of the class frequencies seen (or the variance
     of the targets), L̄_t as for the loss gate; by hand."""
     from minisnip.snip.prior import PriorPenalty
-    m = make_model()
-    ids, mask = make_batch()
-    trace = []
-    with torch.no_grad():
-        m(ids, mask, trace=trace)
-        r = identity_prior(m, trace, mask, kinds=("head", "ffn"), weights=None)
+    m, trace, mask, r = traced_prior()
     gated = PriorPenalty(1e-3, ("head", "ffn"), None, weights=None, gate="baseline")
     with pytest.raises(ValueError, match="seen no labels"):
         gated.baseline_loss()

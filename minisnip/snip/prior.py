@@ -141,7 +141,7 @@ class PriorPenalty(TrainHook):
             return self.lam
         return self.lam * (self.step + 1) / (self.warmup_steps + 1)
 
-    def loss_gate_value(self, task_loss: Tensor) -> Tensor:
+    def gate_value(self, task_loss: Tensor) -> Tensor:
         """g_t from this step's task loss (updates L̄_t; "baseline" reads the labels `observe_labels` added so
         far); see the class docstring."""
         task_loss = task_loss.detach().float()
@@ -195,7 +195,7 @@ class PriorPenalty(TrainHook):
             return penalty
         if task_loss is None:
             raise ValueError(f"PriorPenalty(gate={self.gate!r}) needs the step's task loss")
-        return penalty * self.loss_gate_value(task_loss).to(penalty.dtype)
+        return penalty * self.gate_value(task_loss).to(penalty.dtype)
 
     def loss(self, ctx: StepContext) -> Tensor:
         task_loss = None
