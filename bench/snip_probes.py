@@ -18,10 +18,18 @@
   task's gradient stays small (a loss on its plateau) the prior's can shrink the branches before the task is
   learnt (docs/snip.md, CoLA).
 
+* `--probe gate`: SNIP's fine-tuning with the loss gate `--gate` ("baseline" by default): at every step the task
+  loss L_t, its running mean L̄_t, the constant predictor's loss B_t, the gate g_t and λ_t g_t; beside them, for
+  the same losses, the mean a gate would see if each step's loss were clamped at B_t (L̄'_t, g'_t; computed only,
+  the training uses g_t): a loss above the constant predictor's says "nothing learnt" whatever its size, so
+  clamping it keeps a random head's first losses (large for regression) from holding the gate shut. The first
+  step at which each gate passes 0.5, and the dev score per epoch.
+
     python bench/snip_probes.py --probe sn-binding --glue-dir ../shared/data/glue --task sst2
     python bench/snip_probes.py --probe block-bias --glue-dir ../shared/data/glue --task sst2
     python bench/snip_probes.py --probe prox-zeros --glue-dir ../shared/data/glue --task sst2
     python bench/snip_probes.py --probe grad-balance --glue-dir ../shared/data/glue --task cola --prior-lambda 0
+    python bench/snip_probes.py --probe gate --glue-dir ../shared/data/glue --task stsb
 """
 
 from __future__ import annotations
@@ -236,7 +244,67 @@ def grad_balance(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
     return result, lines
 
 
-PROBES = {"sn-binding": sn_binding, "block-bias": block_bias, "prox-zeros": prox_zeros, "grad-balance": grad_balance}
+class GateWatch(TrainHook):
+    """After every step: the gate's state (PriorPenalty's L̄_t, B_t, g_t, λ_t) and the clamped mean L̄'_t beside it."""
+
+    def __init__(self, prior: PriorPenalty) -> None:
+        self.prior, self.clamped = prior, None
+        self.rows: list[dict] = []
+
+    def after_step(self, ctx: StepContext) -> None:
+        p = self.prior
+        loss = float(ctx.loss.detach())
+        base = float(p.baseline_loss()) if p.label_stats is not None else float("nan")
+        c = min(loss, base) if base == base else loss
+        self.clamped = c if self.clamped is None else p.GATE_DECAY * self.clamped + (1 - p.GATE_DECAY) * c
+        lam = p.lam if p.step > p.warmup_steps else p.lam * p.step / (p.warmup_steps + 1)  # the λ_t just used
+        gate = float(p._gate()) if p.mean_loss is not None else 1.0
+        clamped_gate = min(1.0, max(0.0, (1 - self.clamped / base) / p.GATE_MARGIN)) if base > 0 else 0.0
+        self.rows.append({"step": ctx.step, "loss": loss, "mean_loss": float(p.mean_loss) if p.mean_loss is not None
+                          else loss, "baseline_loss": base, "gate": gate, "lambda_t": lam, "lambda_gated": lam * gate,
+                          "clamped_mean_loss": self.clamped, "clamped_gate": clamped_gate})
+
+
+def gate(args, tokenizer, data, train_cfg) -> tuple[dict, list[str]]:
+    model = new_classifier(args.model_path, data.task, args.seed)
+    cfg = snip_method.Config(prior_gate=args.gate)
+    watch: list[GateWatch] = []
+
+    class WithWatch:  # SNIP's module, with the watch after its prior
+        STRUCTURED, SCHEDULED, USES_DISTILLATION = True, False, False
+        before_removal = staticmethod(snip_method.before_removal)
+
+        @staticmethod
+        def training_hooks(model, c, target, total_steps, kinds, group):
+            hooks = snip_method.training_hooks(model, c, target, total_steps, kinds, group)
+            watch.append(GateWatch(next(h for h in hooks if isinstance(h, PriorPenalty))))
+            return [*hooks, watch[0]]
+
+    history, _ = finetune_with(model, tokenizer, data, WithWatch, cfg, PruneConfig(target=0.5), train_cfg)
+    split, metric = next(iter(data.dev)), data.task.main_metric
+    rows = watch[0].rows
+    epochs = [{"epoch": e["epoch"], "dev": e["dev"][split][metric]} for e in history.epochs]
+
+    def first_open(key: str) -> int | None:
+        return next((r["step"] for r in rows if r[key] >= 0.5), None)
+
+    opens = {"gate": first_open("gate"), "clamped_gate": first_open("clamped_gate")}
+    result = {"gate": args.gate, "steps": rows, "epochs": epochs, "first_step_above_half": opens}
+    lines = [f"SNIP's fine-tuning with prior_gate={args.gate!r} ({len(rows)} steps); dev {metric} per epoch: "
+             + ", ".join(f"{100 * e['dev']:.1f}" for e in epochs) + f". The gate first passes 0.5 at step "
+             f"{opens['gate']}; the clamped one would at step {opens['clamped_gate']}.", "",
+             "| step | task loss | L̄_t | B_t | g_t | λ_t g_t | L̄'_t (clamped) | g'_t |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["step"] % args.every and r["step"] != 1:
+            continue
+        lines.append(f"| {r['step']} | {r['loss']:.3f} | {r['mean_loss']:.3f} | {r['baseline_loss']:.3f} "
+                     f"| {r['gate']:.2f} | {r['lambda_gated']:.2e} | {r['clamped_mean_loss']:.3f} "
+                     f"| {r['clamped_gate']:.2f} |")
+    return result, lines
+
+
+PROBES = {"gate": gate, "sn-binding": sn_binding, "block-bias": block_bias, "prox-zeros": prox_zeros, "grad-balance": grad_balance}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prox-lambda", type=float, default=snip_method.Config().prox_lambda, help="prox-zeros: λ")
     p.add_argument("--prior-lambda", type=float, default=snip_method.Config().prior_lambda,
                    help="grad-balance: SNIP's λ (0: plain fine-tuning, no SN, the prior only measured)")
-    p.add_argument("--every", type=int, default=25, help="grad-balance: measure every this many steps")
+    p.add_argument("--every", type=int, default=25, help="grad-balance: measure every this many steps; gate: "
+                   "print every this many steps (all are in the JSON)")
+    p.add_argument("--gate", choices=("loss", "baseline"), default="baseline", help="gate: SNIP's prior_gate")
     p.add_argument("--out", default=str(HERE / "results"), help="a folder, or the .json file to write")
     args = p.parse_args(argv)
     if args.max_train < 1 or args.epochs < 1 or args.every < 1:
@@ -279,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"snip_probe_{args.probe.replace('-', '_')}_{args.task}"
     if args.probe == "grad-balance":
         stem += f"_lambda{args.prior_lambda:g}"
+    if args.probe == "gate":
+        stem += f"_{args.gate}"
     write_result(result, *result_paths(args.out, stem), table_text([setting, "", *lines], machine))
     return 0
 

@@ -88,3 +88,26 @@ def test_grad_balance_probe_measures_both_gradients_without_changing_the_trainin
     cfg = TrainConfig(epochs=2, lr=1e-4, batch_size=4, max_length=32, seed=1, progress=False)
     history = fit(model, tok, data.task, data.train, data.dev, cfg)
     assert [e["dev"]["dev"]["accuracy"] for e in history.epochs] == [e["dev"] for e in plain["epochs"]]
+
+
+def test_gate_probe_follows_the_prior_gate_step_by_step(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
+    probes = bench_script("snip_probes")
+    argv = [a if a != "rte" else "stsb" for a in _argv("gate", glue_fixtures_dir, tiny_folder, tmp_path)]
+    assert probes.main([*argv, "--every", "1"]) == 0
+    r = json.loads((tmp_path / "snip_probe_gate_stsb_baseline.json").read_text())
+    rows = r["steps"]
+    assert [x["step"] for x in rows] == list(range(1, len(rows) + 1)) and len(r["epochs"]) == 2
+    first = rows[0]
+    # step 1: L̄_1 = L_1; the clamped mean starts at min(L_1, B_1); the gates as PriorPenalty defines them
+    assert first["mean_loss"] == first["loss"] and first["clamped_mean_loss"] == min(first["loss"],
+                                                                                       first["baseline_loss"])
+    for x in rows:
+        for mean, g in ((x["mean_loss"], x["gate"]), (x["clamped_mean_loss"], x["clamped_gate"])):
+            expect = min(1.0, max(0.0, (1 - mean / x["baseline_loss"]) / 0.25))
+            assert abs(g - expect) < 1e-5
+        assert x["clamped_mean_loss"] <= x["mean_loss"] + 1e-6  # clamping can only lower the mean
+        assert abs(x["lambda_gated"] - x["lambda_t"] * x["gate"]) < 1e-12
+    assert rows[0]["lambda_t"] < rows[-1]["lambda_t"]  # the warm-up
+    for i in range(1, len(rows)):  # the running mean's recursion, on the clamped losses
+        c = min(rows[i]["loss"], rows[i]["baseline_loss"])
+        assert abs(rows[i]["clamped_mean_loss"] - (0.98 * rows[i - 1]["clamped_mean_loss"] + 0.02 * c)) < 1e-9
