@@ -486,18 +486,42 @@ def _lead_text(diff: float, se: float | None) -> str:
     return f"{100 * diff:+.1f} ± {100 * se:.1f} ({verdict})"
 
 
-def snip_lead(summary: dict, targets: list[float]) -> str:
+def paired_lead(records: list[dict], task: str, target: float, a: str, b: str) -> tuple[float, float | None, int]:
+    """Rows a and b (a method, with " +distill" for its distilled cells) on the seeds both have at `target`: the mean
+    of the per-seed differences of the score after recovery, its standard error stdev(d) / sqrt(n) (None below two
+    seeds) and n. A seed fixes the data order, the classifier's initialisation and the dropout stream of every
+    method's fine-tuning (and the plain fine-tune that magnitude, head importance and no-prior share), so the
+    per-seed difference leaves out what a seed does to both."""
+    def scores(row: str) -> dict:
+        return {r["seed"]: r["score"] for r in records if r["task"] == task and r["target"] == target
+                and r["method"] + (" +distill" if r.get("distill") else "") == row}
+    sa, sb = scores(a), scores(b)
+    d = [sa[s] - sb[s] for s in sorted(set(sa) & set(sb))]
+    if not d:
+        return math.nan, None, 0
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
+    return statistics.fmean(d), se, len(d)
+
+
+def snip_lead(summary: dict, targets: list[float], records: list[dict] | None = None) -> str:
     """Markdown, the comparison study's goal read off the cells: per task and target, SNIP's lead after recovery
     over each baseline (BASELINES with cells there, with and without distillation), shown for the strongest one
     (the highest mean), with how many baselines it leads by more than one standard error of the difference; and
     its lead before recovery over thresholding without the prior (snip-no-prior). x100; `lead` gives the
-    standard error."""
-    out = ["**SNIP against the baselines** (x100; lead = SNIP's mean minus the other's, after it the standard "
-           "error of that difference over seeds, sqrt(s1²/n1 + s2²/n2); strongest baseline = the highest mean after recovery; "
-           "ahead = baselines SNIP leads by more than one standard error, of those with cells there (one with a single "
-           "seed has no standard error and cannot count))", "",
-           "| task | target | snip | strongest baseline | lead after recovery | ahead | before recovery: lead over "
-           "snip-no-prior |", "|---|---|---|---|---|---|---|"]
+    standard error. With the records, two more columns: the same lead over the strongest baseline paired by seed
+    (`paired_lead`), and how many baselines SNIP leads by more than that paired standard error."""
+    head = ["**SNIP against the baselines** (x100; lead = SNIP's mean minus the other's, after it the standard "
+            "error of that difference over seeds, sqrt(s1²/n1 + s2²/n2); strongest baseline = the highest mean after recovery; "
+            "ahead = baselines SNIP leads by more than one standard error, of those with cells there (one with a single "
+            "seed has no standard error and cannot count)"
+            + ("; paired = the mean of the per-seed differences on the seeds both have and its standard error "
+               "stdev/sqrt(n), and the baselines led by more than it (a seed fixes the data order, the head's "
+               "initialisation and the dropout of every method)" if records is not None else "") + ")", ""]
+    cols = ["task", "target", "snip", "strongest baseline", "lead after recovery", "ahead"]
+    if records is not None:
+        cols += ["paired lead", "ahead, paired"]
+    cols.append("before recovery: lead over snip-no-prior")
+    out = head + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     rows = 0
     for task, methods in summary.items():
         for t in targets:
@@ -511,14 +535,20 @@ def snip_lead(summary: dict, targets: list[float]) -> str:
             strongest = min(leads, key=lambda b: leads[b][0])  # the strongest baseline: the smallest lead
             diff, se = leads[strongest]
             ahead = sum(1 for d, e in leads.values() if e is not None and d > e)
+            cells = [task, f"{t:.0%}", f"{_mean_std(snip)} (n={snip['n']})",
+                     f"{strongest} {_mean_std(methods[strongest][str(t)])} (n={methods[strongest][str(t)]['n']})",
+                     _lead_text(diff, se), f"{ahead} of {len(leads)}"]
+            if records is not None:
+                paired = {b: paired_lead(records, task, t, "snip", b) for b in leads}
+                pd, pse, pn = paired[strongest]
+                cells.append("–" if pn == 0 else f"{_lead_text(pd, pse)} (n={pn})")
+                cells.append(f"{sum(1 for d, e, _ in paired.values() if e is not None and d > e)} of {len(leads)}")
             nop = methods.get("snip-no-prior", {}).get(str(t))
             if nop is not None and snip["before_recovery"] is not None and nop["before_recovery"] is not None:
-                before = _lead_text(*lead(snip, nop, "before_recovery"))
+                cells.append(_lead_text(*lead(snip, nop, "before_recovery")))
             else:
-                before = "–"
-            out.append(f"| {task} | {t:.0%} | {_mean_std(snip)} (n={snip['n']}) | {strongest} "
-                       f"{_mean_std(methods[strongest][str(t)])} (n={methods[strongest][str(t)]['n']}) | "
-                       f"{_lead_text(diff, se)} | {ahead} of {len(leads)} | {before} |")
+                cells.append("–")
+            out.append("| " + " | ".join(cells) + " |")
             rows += 1
     return "\n".join(out) + "\n" if rows else ""
 
@@ -645,7 +675,7 @@ def write_summary(args, jsonl: Path) -> str:
     md = table(summary, targets)
     for target in [t for t in (0.5, 0.3, 0.7) if t in targets]:
         md += "\n" + across_tasks(records, summary, target)
-    md += "\n" + snip_lead(summary, [t for t in (0.3, 0.5, 0.7) if t in targets])
+    md += "\n" + snip_lead(summary, [t for t in (0.3, 0.5, 0.7) if t in targets], records)
     write_text(args.out.with_suffix(".md"),
         "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
         "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "

@@ -71,6 +71,35 @@ def test_snips_lead_over_the_baselines_is_read_with_the_standard_error_of_the_di
     assert "| magnitude +distill 83.0 ± 0.0 (n=2) | -2.0 ± 1.0 (behind by > s.e.) | 1 of 3 |" in row
 
 
+def test_snips_lead_paired_by_seed_leaves_out_what_a_seed_does_to_both(bench_script):
+    study = bench_script("study")
+
+    def cells(method, scores):
+        return [{"task": "mrpc", "seed": s, "method": method, "target": 0.5, "score": a, "before_recovery": a,
+                 "main_metric": "f1"} for s, a in zip((1, 2, 3), scores) if a is not None]
+    # seed 2 is good for every method: unpaired, SNIP's +1.0 is within the s.e.; per seed it is +1.0 every time
+    records = (cells("snip", [0.80, 0.84, 0.81]) + cells("magnitude", [0.79, 0.83, 0.80])
+               + cells("heads", [0.81, None, 0.79]))
+    assert study.paired_lead(records, "mrpc", 0.5, "snip", "magnitude") == (pytest.approx(0.01), pytest.approx(0.0), 3)
+    d, se, n = study.paired_lead(records, "mrpc", 0.5, "snip", "heads")  # the seeds both have: 1 and 3
+    # d = [-0.01, +0.02]: mean 0.005, stdev 0.015·sqrt(2), s.e. 0.015
+    assert (d, n) == (pytest.approx(0.005), 2) and se == pytest.approx(0.015)
+    assert study.paired_lead(records, "mrpc", 0.3, "snip", "heads")[2] == 0  # no cells there
+    summary = study.summarize(records)
+    diff, unpaired_se = study.lead(summary["mrpc"]["snip"]["0.5"], summary["mrpc"]["magnitude"]["0.5"])
+    assert diff == pytest.approx(0.01) and unpaired_se > 0.01
+    md = study.snip_lead(summary, [0.5], records)
+    assert "| paired lead | ahead, paired |" in md
+    [row] = [line for line in md.splitlines() if line.startswith("| mrpc")]
+    # strongest by mean: magnitude (80.67 against heads' 80.0), +1.0 ± 1.7 unpaired, +1.0 ± 0.0 paired. Each test
+    # counts one of the two: unpaired heads (+1.7 ± 1.6 over all of both's seeds), paired magnitude (heads' paired
+    # +0.5 on seeds 1 and 3 is within its s.e. 1.5)
+    assert study.lead(summary["mrpc"]["snip"]["0.5"], summary["mrpc"]["heads"]["0.5"])[0] == pytest.approx(1 / 60)
+    assert "| magnitude 80.7 ± 2.1 (n=3) | +1.0 ± 1.7 (within the s.e.) | 1 of 2 |" in row
+    assert "| +1.0 ± 0.0 (ahead by > s.e.) (n=3) | 1 of 2 |" in row
+    assert "paired" not in study.snip_lead(summary, [0.5])  # without the records: the table as before
+
+
 def test_share_of_dense_averages_over_sst2_mrpc_stsb_and_shows_cola_beside(bench_script):
     study = bench_script("study")
     records = [{"task": t, "seed": 1, "method": m, "target": target, "score": score, "before_recovery": score,
