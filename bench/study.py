@@ -53,6 +53,8 @@ from minisnip.__main__ import METHODS  # noqa: E402
 from minisnip.checkpoint import write_json, write_text  # noqa: E402
 from minisnip.plots import save_figure  # noqa: E402
 from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: E402
+from minisnip.glue import get_task, load_split  # noqa: E402
+from minisnip.metrics import constant_scores, learnt  # noqa: E402
 from minisnip.config import BertConfig  # noqa: E402
 from minisnip.pruning.compression import (COMPRESSION_DEFINITION, dense_encoder_linear_params,  # noqa: E402
                                           encoder_linear_params)
@@ -330,6 +332,7 @@ class Study:
         model, hooks, finetuned = trained.model, trained.hooks, trained.scores
         record = {"task": cell.task, "seed": cell.seed, "method": cell.method, "target": cell.target,
                   "distill": cell.distill, "main_metric": metric, "finetuned": finetuned[split][metric],
+                  "constant_score": data.constant_scores()[split][metric],  # a majority vote's: the floor
                   "finetune_seconds": trained.seconds, "finetune_epoch": trained.epoch,
                   "activation_spread": trained.spread}
         if cell.method == "dense":
@@ -412,6 +415,7 @@ def summarize(records: list[dict]) -> dict:
                     return statistics.fmean(vals) if vals else None
                 scores = [r["score"] for r in rs]
                 before = values("before_recovery")
+                floors = [r for r in rs if r.get("constant_score") is not None]
                 targets[target] = {"mean": statistics.fmean(scores), "n": len(scores),
                                    "std": statistics.stdev(scores) if len(scores) > 1 else None,  # one seed: none
                                    "before_recovery": stat("before_recovery"),
@@ -419,13 +423,21 @@ def summarize(records: list[dict]) -> dict:
                                    "compression": stat("compression"),
                                    "speedup": stat("speedup"), "speedup_cpu": stat("speedup_cpu"),
                                    "linear_weight_ratio": stat("linear_weight_ratio"),
-                                   "metric": rs[0]["main_metric"]}
+                                   "metric": rs[0]["main_metric"],
+                                   "constant": stat("constant_score"),
+                                   # seeds whose score is a constant predictor's at best (minisnip.metrics.learnt)
+                                   "at_constant": sum(1 for r in floors if not learnt(r["score"], r["constant_score"]))}
     return out
 
 
 def _mean_std(v: dict) -> str:
     """'83.7 ± 0.4' over seeds, or '83.7' for a single seed (no spread to show)."""
     return f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["std"] is not None else "")
+
+
+def _n(v: dict) -> str:
+    """'(n=3)', or '(n=3, 2 ≤ constant)' when some seeds score no better than the constant predictor."""
+    return f"(n={v['n']}, {v['at_constant']} ≤ constant)" if v.get("at_constant") else f"(n={v['n']})"
 
 
 def _before(v: dict) -> str:
@@ -443,8 +455,11 @@ def table(summary: dict, targets: list[float]) -> str:
         cols = [t for t in targets if any(str(t) in v for r, v in rows.items() if r != "dense")]
         best = {t: max((v[str(t)]["mean"] for r, v in rows.items() if str(t) in v and r != "dense"), default=None)
                 for t in cols}
-        out += [f"**{task}** ({metric} x100; dense {_mean_std(dense)}, n={dense['n']})" if dense
-                else f"**{task}** ({metric} x100)", ""]
+        constant = next((c["constant"] for v in rows.values() for c in v.values() if c.get("constant") is not None),
+                        None)
+        floor = f"; constant predictor {100 * constant:.1f}" if constant is not None else ""
+        out += [f"**{task}** ({metric} x100; dense {_mean_std(dense)}, n={dense['n']}{floor})" if dense
+                else f"**{task}** ({metric} x100{floor})", ""]
         if not cols:
             out += ["(no pruned cells yet)", ""]
             continue
@@ -459,7 +474,7 @@ def table(summary: dict, targets: list[float]) -> str:
                 text = _mean_std(v)
                 text = f"**{text}**" if v["mean"] == best[t] else text
                 extra = f" {{{v['speedup']:.2f}x}}" if v.get("speedup") is not None else ""
-                cells.append(f"{text} (n={v['n']}){_before(v)}{extra}")
+                cells.append(f"{text} {_n(v)}{_before(v)}{extra}")
             out.append(f"| {row} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -581,7 +596,7 @@ def across_tasks(records: list[dict], summary: dict, target: float) -> str:
         cells = []
         for t in tasks:
             v = summary[t].get(row, {}).get(str(target))
-            cells.append("–" if v is None else f"{_mean_std(v)} (n={v['n']}){_before(v)}")
+            cells.append("–" if v is None else f"{_mean_std(v)} {_n(v)}{_before(v)}")
         per_task = share.get(row, {})
         kept = (f"{100 * statistics.fmean(statistics.fmean(per_task[t]) for t in averaged):.1f}%"
                 if all(t in per_task for t in averaged) else "–")
@@ -664,8 +679,25 @@ def sync_readme(path: Path, md: str) -> None:
     write_text(path, text)
 
 
+def with_constants(records: list[dict], glue_dir, max_train) -> list[dict]:
+    """The records, those without a `constant_score` (written before it was recorded) given the one the runner
+    records: the majority class (regression: mean) of the task's training sample, scored on its first dev split."""
+    constants: dict = {}
+    out = []
+    for r in records:
+        if r.get("constant_score") is None:
+            if r["task"] not in constants:
+                task = get_task(r["task"])
+                train = load_split(task, "train", glue_dir, max_examples=max_train, seed=0)
+                dev = load_split(task, task.dev_splits[0], glue_dir)
+                constants[r["task"]] = constant_scores(task, train["label"], dev["label"])[task.main_metric]
+            r = dict(r, constant_score=constants[r["task"]])
+        out.append(r)
+    return out
+
+
 def write_summary(args, jsonl: Path) -> str:
-    records = read_records(jsonl)
+    records = with_constants(read_records(jsonl), args.glue_dir, args.max_train)
     summary = summarize(records)
     targets = sorted({r["target"] for r in records if r["target"]})
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

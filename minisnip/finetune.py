@@ -19,6 +19,7 @@ import torch
 from .checkpoint import default_model_path, write_json
 from .data import Encoded, encode_dataset
 from .glue import GLUE_DIR_ENV, GlueDataError, GlueTask, get_task, load_split
+from .metrics import constant_scores, learnt
 from .model import BertForSequenceClassification
 from .rundir import RunDir, recorded
 from .tokenizer import Tokenizer, load_tokenizer
@@ -33,6 +34,11 @@ class TaskData:
     train: Encoded
     dev: dict[str, Encoded]
     info: dict
+
+    def constant_scores(self) -> dict[str, dict[str, float]]:
+        """{dev split: metrics} of the majority class (or mean target) of the training labels, on each dev split:
+        the score of a model that has learnt nothing (`minisnip.metrics.constant_scores`)."""
+        return {split: constant_scores(self.task, self.train.labels, d.labels) for split, d in self.dev.items()}
 
 
 def load_task_data(task: str | GlueTask, tokenizer: Tokenizer, glue_dir: str | Path | None = None,
@@ -144,6 +150,7 @@ def finetune_into(folder: Path, model: BertForSequenceClassification, tokenizer:
               "seed": cfg.seed, "environment": environment()}
     with recorded(result, folder / "result.json"):
         result.update(fit(model, tokenizer, data.task, data.train, data.dev, cfg, out_dir=folder).to_dict())
+        result["constant"] = data.constant_scores()
     return result
 
 
@@ -183,7 +190,7 @@ def run_seeds(task: str, out: str | Path, seeds: list[int], model_path: str | Pa
             runs.append(finetune_into(seed_dir, model, tokenizer, data, replace(cfg, seed=seed), model_path))
         summary = {"task": data.task.name, "model": str(model_path), "seeds": seeds, "data": data.info,
                    "hparams": asdict(cfg), "metrics": summarize([r["best_metrics"] for r in runs]),
-                   "runs": [f"seed-{s}/result.json" for s in seeds]}
+                   "constant": data.constant_scores(), "runs": [f"seed-{s}/result.json" for s in seeds]}
         write_json(work / "summary.json", summary)
     return summary
 
@@ -218,7 +225,31 @@ def format_result(result: dict) -> str:
     width = max((len(r[0]) for r in rows), default=5)
     lines.append(f"{'split':<{width}}  {'metric':<9}  value (x100)")
     lines += [f"{s:<{width}}  {m:<9}  {v}" for s, m, v in rows]
+    if result.get("constant") and (result.get("metrics") or result.get("best_metrics")):
+        split = next(iter(result["constant"]))
+        main = task.main_metric
+        scores = (result["metrics"][split][main]["values"] if "metrics" in result
+                  else [result["best_metrics"][split][main]])
+        note = not_learnt_note(task, main, scores, result["constant"][split][main], "the fine-tuned model",
+                               "the task was not learnt (more training examples, epochs or another learning rate "
+                               "may help)")
+        if note:
+            lines.append(note)
     return "\n".join(lines)
+
+
+def not_learnt_note(task: GlueTask, main: str, scores: list[float], constant: float, what: str,
+                    meaning: str = "the task was not learnt, and a score after pruning says nothing of the method"
+                    ) -> str | None:
+    """A warning line when some of `scores` (one per seed) do no better than the constant predictor's `constant`
+    (`minisnip.metrics.learnt`), else None: such a score is a majority vote's, not the model's."""
+    failed = [s for s in scores if not learnt(s, constant)]
+    if not failed:
+        return None
+    which = what if len(scores) == 1 else f"on {len(failed)} of {len(scores)} seeds, {what}"
+    guess = "the mean target" if task.is_regression else "the majority class"
+    return (f"WARNING: {which} scores {main} {100 * max(failed):.2f}, no better than always predicting {guess} "
+            f"({100 * constant:.2f}): {meaning}")
 
 
 def read_json(path: str | Path) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 
 from minisnip.glue import GlueTask, get_task
 
-__all__ = ["accuracy", "f1_binary", "matthews_corrcoef", "pearson", "spearman", "compute_metrics"]
+__all__ = ["accuracy", "compute_metrics", "constant_scores", "f1_binary", "learnt", "matthews_corrcoef", "pearson", "spearman"]
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -151,3 +151,27 @@ def compute_metrics(task: str | GlueTask, preds_or_logits, labels) -> dict[str, 
     if len(task.metrics) == 2:
         results["combined"] = (results[task.metrics[0]] + results[task.metrics[1]]) / 2
     return results
+
+
+def constant_scores(task: str | GlueTask, train_labels, dev_labels) -> dict[str, float]:
+    """The dev metrics of the best constant predictor fitted on the training labels: every dev example gets the
+    majority class of train_labels (ties: the smallest label), or for regression their mean (whose correlations
+    are 0.0, as for any constant). What a model scores that has learnt nothing of the inputs: on MRPC, F1 of
+    always saying "paraphrase"; on CoLA, MCC 0."""
+    task = get_task(task)
+    y_train, y_dev = _to_numpy(train_labels).reshape(-1), _to_numpy(dev_labels).reshape(-1)
+    if len(y_train) == 0:
+        raise ValueError(f"{task.display}: no training labels to fit a constant predictor on")
+    if task.is_regression:
+        constant = float(np.mean(y_train.astype(np.float64)))
+        preds = np.full(len(y_dev), constant)
+    else:
+        classes, counts = np.unique(y_train.astype(np.int64), return_counts=True)
+        preds = np.full(len(y_dev), classes[np.argmax(counts)], dtype=np.int64)  # argmax: the first, smallest
+    return compute_metrics(task, preds, y_dev)
+
+
+def learnt(score: float, constant: float) -> bool:
+    """Whether a model's score beats the constant predictor's (`constant_scores`, the same metric); one that does
+    not has learnt nothing a majority vote could not give, and a pruned score of it says nothing of the method."""
+    return score > constant + 1e-9

@@ -29,6 +29,7 @@ def test_study_runs_resumes_and_tabulates(tmp_path, glue_fixtures_dir, tiny_fold
         assert r["method"] == "dense" or reached >= r["target"] - 0.01
         assert r["method"] == "dense" or (r["speedup"] > 0 and r["speedup_cpu"] > 0)
         assert r["code"] is None or len(r["code"]) >= 7  # the commit that computed the cell (None outside git)
+    assert len({r["constant_score"] for r in records}) == 1  # RTE's majority vote, the floor of every cell
     shared = {r["method"]: r["finetuned"] for r in records if r["method"] in ("dense", "snip-no-prior", "magnitude")}
     assert len(set(shared.values())) == 1  # plain methods share the dense fine-tune
     assert study.main(argv) == 0  # resumes: nothing left to run, nothing duplicated
@@ -98,6 +99,28 @@ def test_snips_lead_paired_by_seed_leaves_out_what_a_seed_does_to_both(bench_scr
     assert "| magnitude 80.7 ± 2.1 (n=3) | +1.0 ± 1.7 (within the s.e.) | 1 of 2 |" in row
     assert "| +1.0 ± 0.0 (ahead by > s.e.) (n=3) | 1 of 2 |" in row
     assert "paired" not in study.snip_lead(summary, [0.5])  # without the records: the table as before
+
+
+def test_cells_no_better_than_the_constant_predictor_are_marked(tmp_path, glue_fixtures_dir, bench_script):
+    study = bench_script("study")
+    cells = [{"task": "mrpc", "seed": s, "method": m, "target": t, "score": a, "before_recovery": a,
+              "main_metric": "f1", "constant_score": 0.8122}
+             for m, t, scores in (("dense", 0.0, (0.85, 0.86)), ("movement", 0.5, (0.8122, 0.8122)),
+                                  ("magnitude", 0.5, (0.84, 0.8122)), ("snip", 0.5, (0.85, 0.85)))
+             for s, a in zip((1, 2), scores)]
+    md = study.table(study.summarize(cells), [0.5])
+    assert "**mrpc** (f1 x100; dense 85.5 ± 0.7, n=2; constant predictor 81.2)" in md
+    assert "| movement | 81.2 ± 0.0 (n=2, 2 ≤ constant) [81.2] |" in md
+    assert "| magnitude | 82.6 ± 2.0 (n=2, 1 ≤ constant) [82.6] |" in md and "| snip | **85.0 ± 0.0** (n=2) [85.0] |" in md
+    # records written before the runner recorded the floor get it from the data, as the runner computes it
+    old = [{k: v for k, v in r.items() if k != "constant_score"} for r in cells]
+    filled = study.with_constants(old, glue_fixtures_dir, 8)
+    from minisnip.glue import load_split
+    from minisnip.metrics import constant_scores
+    train, dev = load_split("mrpc", "train", glue_fixtures_dir, max_examples=8, seed=0), load_split("mrpc", "dev",
+                                                                                                  glue_fixtures_dir)
+    assert {r["constant_score"] for r in filled} == {constant_scores("mrpc", train["label"], dev["label"])["f1"]}
+    assert study.with_constants(cells, tmp_path, 8) == cells  # recorded floors need no data
 
 
 def test_share_of_dense_averages_over_sst2_mrpc_stsb_and_shows_cola_beside(bench_script):
@@ -224,7 +247,7 @@ def test_readme_blocks_get_the_summarys_tables_and_a_readme_without_them_is_refu
     study = bench_script("study")
     out = tmp_path / "study"
     records = [{"task": "sst2", "seed": s, "method": m, "target": target, "distill": False, "score": score,
-                "before_recovery": score, "main_metric": "accuracy"}
+                "before_recovery": score, "main_metric": "accuracy", "constant_score": 0.5}
                for s in (1, 2) for m, target, score in (("dense", 0.0, 0.85), ("snip", 0.5, 0.83 + s / 100),
                                                          ("magnitude", 0.5, 0.82), ("snip-no-prior", 0.5, 0.8))]
     out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

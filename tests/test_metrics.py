@@ -11,7 +11,9 @@ from minisnip.metrics import (
     _average_ranks,
     accuracy,
     compute_metrics,
+    constant_scores,
     f1_binary,
+    learnt,
     matthews_corrcoef,
     pearson,
     spearman,
@@ -223,3 +225,21 @@ def test_classification_logits_that_are_not_finite_are_refused_not_argmaxed(task
     with pytest.raises(ValueError, match="non-finite"):
         compute_metrics(task, logits, [0, 0, 1, 1])
     assert compute_metrics(task, np.array([0, 1, 1, 0]), [0, 0, 1, 1])  # integer predictions pass as they are
+
+
+def test_constant_scores_are_the_majority_vote_s_hand_computed():
+    # MRPC: the training labels' majority is 1 ("paraphrase"); on dev 1 0 1 1 always saying 1 gives TP 3, FP 1:
+    # F1 = 6 / 7, accuracy 3 / 4
+    m = constant_scores("mrpc", [1, 1, 0], [1, 0, 1, 1])
+    assert m["f1"] == pytest.approx(6 / 7) and m["accuracy"] == pytest.approx(0.75)
+    assert constant_scores("sst2", [0, 1], [1, 1, 0])["accuracy"] == pytest.approx(1 / 3)  # a tie: the smaller, 0
+    assert constant_scores("cola", [1, 1, 0], [1, 0])["mcc"] == 0.0
+    st = constant_scores("stsb", np.array([1.0, 2.0]), np.array([3.0, 1.0, 4.0]))
+    assert st["pearson"] == 0.0 and st["spearman"] == 0.0  # a constant has no correlation
+    with pytest.raises(ValueError, match="no training labels"):
+        constant_scores("sst2", [], [1])
+
+
+def test_learnt_means_strictly_better_than_the_constant_predictor():
+    assert not learnt(0.8122, 0.8122) and not learnt(0.0, 0.0) and not learnt(0.50, 0.51)
+    assert learnt(0.8123, 0.8122)

@@ -52,6 +52,12 @@ def test_prune_reaches_target_and_writes_everything(tiny_folder, glue_fixtures_d
     assert evaluate(pruned, data.dev["dev"], data.task, tok)["f1"] == pytest.approx(result["score"], abs=1e-6)
     assert (out / "norms_per_layer.png").stat().st_size > 1000 and (out / "kept_map.png").exists()
     assert result["scores"]["finetuned"] and result["scores"]["pruned_before_recovery"]
+    # the floor of "learnt": the majority class of the training labels, scored on dev as the metrics score it
+    data = load_task_data("mrpc", tok, glue_fixtures_dir, max_length=32)
+    assert result["scores"]["constant"] == data.constant_scores()
+    c = result["constant_score"]
+    assert c == data.constant_scores()["dev"]["f1"]
+    assert result["learnt"] == {"finetuned": result["finetuned_score"] > c + 1e-9, "pruned": result["score"] > c + 1e-9}
 
 
 def test_no_target_prunes_nothing(tiny_folder, glue_fixtures_dir, tmp_path):
@@ -120,6 +126,9 @@ def test_cli_prune(tiny_folder, glue_fixtures_dir, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "compression" in printed and "pruned + recovery" in printed
+    result = json.loads((out / "result.json").read_text())
+    warned = "WARNING:" in printed and "no better than always predicting the majority class" in printed
+    assert warned == (not all(result["learnt"].values()))  # a majority vote's score is said to be one
     with pytest.raises(SystemExit) as exit:
         main(["prune", "--target", "1.5", "--task", "sst2", "--glue-dir", str(glue_fixtures_dir),
               "--out", str(tmp_path / "bad")])

@@ -194,11 +194,39 @@ def test_run_dir_holding_a_run_is_refused_unless_overwrite(tiny_folder, glue_fix
 def test_multi_seed_summary_reports_mean_and_std(tiny_folder, glue_fixtures_dir, tmp_path):
     summary = run_seeds("mrpc", tmp_path / "seeds", [1, 2], tiny_folder, glue_fixtures_dir, quick_cfg(epochs=1))
     f1 = summary["metrics"]["dev"]["f1"]
+    saved = json.loads((tmp_path / "seeds" / "summary.json").read_text())
+    assert saved["constant"] == summary["constant"]
     assert f1["n"] == 2 and len(f1["values"]) == 2
     assert (tmp_path / "seeds" / "seed-1" / "result.json").exists() and (tmp_path / "seeds" / "summary.json").exists()
     s = summarize([{"dev": {"accuracy": 0.5}}, {"dev": {"accuracy": 0.7}}, {"dev": {"accuracy": 0.9}}])
     assert s["dev"]["accuracy"]["mean"] == pytest.approx(0.7)
     assert s["dev"]["accuracy"]["std"] == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9
+    seed_result = json.loads((tmp_path / "seeds" / "seed-1" / "result.json").read_text())
+    assert summary["constant"] == seed_result["constant"]  # the floor of every seed: one majority vote
+
+
+def test_a_score_no_better_than_the_majority_vote_is_said_to_be_one():
+    from minisnip.finetune import format_result
+    from minisnip.pruning.recipe import format_prune_result
+    base = {"task": "mrpc", "model": "m", "data": {"train_examples": 8}, "seed": 1, "constant": {"dev": {"f1": 0.8122}}}
+    learnt = format_result({**base, "best_metrics": {"dev": {"f1": 0.85}}})
+    majority = format_result({**base, "best_metrics": {"dev": {"f1": 0.8122}}})
+    assert "WARNING" not in learnt
+    assert "WARNING: the fine-tuned model scores f1 81.22, no better than always predicting the majority class " \
+           "(81.22): the task was not learnt" in majority
+    seeds = format_result({**base, "seeds": [1, 2], "metrics": {"dev": {"f1": {"mean": 0.83, "std": 0.02, "n": 2,
+                                                                               "values": [0.81, 0.85]}}}})
+    assert "WARNING: on 1 of 2 seeds, the fine-tuned model scores f1 81.00" in seeds
+    assert "WARNING" not in format_result({k: v for k, v in base.items() if k != "constant"}
+                                          | {"best_metrics": {"dev": {"f1": 0.5}}})  # older results: no floor known
+    pruned = {"task": "mrpc", "method": "movement", "model": "m", "data": {"train_examples": 8}, "wall_seconds": 1.0,
+              "main_metric": "f1", "compression": 0.5, "compression_definition": "c",
+              "scores": {"finetuned": {"dev": {"f1": 0.86}}, "pruned_before_recovery": {"dev": {"f1": 0.5}},
+                         "pruned": {"dev": {"f1": 0.8122}}, "constant": {"dev": {"f1": 0.8122}}}}
+    assert "WARNING: the pruned model scores f1 81.22" in format_prune_result(pruned)
+    assert "lost the task" in format_prune_result(pruned)
+    fine = {**pruned, "scores": {**pruned["scores"], "pruned": {"dev": {"f1": 0.84}}}}
+    assert "WARNING" not in format_prune_result(fine)  # before recovery at the floor: expected, not warned
 
 
 def test_cli_finetune_then_evaluate(tiny_folder, glue_fixtures_dir, tmp_path, capsys):

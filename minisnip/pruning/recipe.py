@@ -33,7 +33,9 @@ from ..checks import is_int, is_number
 from ..checkpoint import default_model_path, save_pretrained, write_json
 from ..config import BertConfig
 from ..data import Encoded, iterate, length_bucketed_batches
-from ..finetune import TaskData, environment, load_task_data, new_classifier, short_name
+from ..finetune import TaskData, environment, load_task_data, new_classifier, not_learnt_note, short_name
+from ..glue import get_task
+from ..metrics import learnt
 from ..rundir import RunDir, recorded
 from ..surgery import PruningError
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -263,7 +265,8 @@ def prune(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method: Module
     history, hooks = finetune_with(model, tokenizer, data, method, method_cfg, cfg, train_cfg, extra_hooks, teacher)
     # the model as fine-tuning left it: the best epoch, or for a scheduled method the last (the one at the target)
     dev = {"finetuned": history.kept_metrics, "finetuned_epoch": history.kept_epoch,
-           "finetune_history": history.to_dict()}  # which epoch was kept: its `restored_best`
+           "finetune_history": history.to_dict(),  # which epoch was kept: its `restored_best`
+           "constant": data.constant_scores()}  # what a majority vote scores: the floor of "learnt"
     if not cfg.prunes:
         return PruneOutcome(scores={}, removed=[], branches=[], report={"compression": 0.0}, tau=None, dev=dev)
     outcome = remove(model, tokenizer, data, method, hooks, cfg, train_cfg, dense_config)
@@ -342,6 +345,9 @@ def run_prune(task: str, out: str | Path, method_name: str, method: ModuleType, 
         # epoch's for a scheduled one (finetune_history's restored_best says which)
         result["finetuned_score"] = outcome.dev["finetuned"][split][main]
         result["score"] = outcome.dev.get("pruned", outcome.dev["finetuned"])[split][main]
+        result["constant_score"] = outcome.dev["constant"][split][main]
+        result["learnt"] = {"finetuned": learnt(result["finetuned_score"], result["constant_score"]),
+                            "pruned": learnt(result["score"], result["constant_score"])}
         result["scores"] = outcome.dev
         write_json(work / "pruning.json", {
             "method": method_name, "target": cfg.target, "threshold": cfg.threshold, "tau_effective": outcome.tau,
@@ -388,6 +394,14 @@ def format_prune_result(result: dict) -> str:
     lines.append(f"compression {result['compression']:.3f} = {result['compression_definition']}"
                  + (f"; sparsity {result['sparsity']:.3f} (share of its weights that are zero)" if "sparsity" in result
                     else ""))
+    if "constant" in s:  # results written before the constant predictor was recorded have no floor to check
+        task, constant = get_task(result["task"]), s["constant"][split][main]
+        note = not_learnt_note(task, main, [s["finetuned"][split][main]], constant, "the fine-tuned model")
+        if note is None and "pruned" in s:
+            note = not_learnt_note(task, main, [s["pruned"][split][main]], constant, "the pruned model",
+                                   "pruning (and recovery) left a model that has lost the task")
+        if note:
+            lines.append(note)
     return "\n".join(lines)
 
 
