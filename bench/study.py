@@ -568,6 +568,37 @@ def snip_lead(summary: dict, targets: list[float], records: list[dict] | None = 
     return "\n".join(out) + "\n" if rows else ""
 
 
+def snip_parts(summary: dict, records: list[dict], target: float) -> str:
+    """Markdown: SNIP's variants and ablations (every row named snip-...) against SNIP's default at `target`, one
+    column per task: the variant's cell as in `table`, then its score after recovery minus the default's, paired by
+    seed (`paired_lead`: mean ± standard error, on the seeds both have). What each part of SNIP buys, read as: a
+    switch that is negative here is a part the default needs."""
+    tasks = [t for t, rows in summary.items() if str(target) in rows.get("snip", {})
+             and any(r.startswith("snip-") and str(target) in v for r, v in rows.items())]
+    if not tasks:
+        return ""
+    variants = sorted({r for t in tasks for r, v in summary[t].items() if r.startswith("snip-") and str(target) in v})
+    out = [f"**SNIP's parts at {target:.0%}** (x100, [before recovery]; after `;` the variant's score minus "
+           "SNIP's default (`snip`), paired by seed: the mean and its standard error over the seeds both have, `on k` where "
+           "those are fewer than the variant's)", "",
+           "| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
+           "| snip (default) | " + " | ".join(f"{_mean_std(summary[t]['snip'][str(target)])} "
+                                             f"{_n(summary[t]['snip'][str(target)])}"
+                                             f"{_before(summary[t]['snip'][str(target)])}" for t in tasks) + " |"]
+    for row in variants:
+        cells = []
+        for t in tasks:
+            v = summary[t].get(row, {}).get(str(target))
+            if v is None:
+                cells.append("–")
+                continue
+            d, se, n = paired_lead(records, t, target, row, "snip")
+            paired = "" if n == 0 else f"; {_lead_text(d, se).split(' (')[0]}" + (f" (on {n})" if n != v["n"] else "")
+            cells.append(f"{_mean_std(v)} {_n(v)}{_before(v)}{paired}")
+        out.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 SHARE_TASKS = ("sst2", "mrpc", "stsb")  # the tasks the share of dense averages over; CoLA and RTE are shown beside
 
 
@@ -708,6 +739,9 @@ def write_summary(args, jsonl: Path) -> str:
     for target in [t for t in (0.5, 0.3, 0.7) if t in targets]:
         md += "\n" + across_tasks(records, summary, target)
     md += "\n" + snip_lead(summary, [t for t in (0.3, 0.5, 0.7) if t in targets], records)
+    for target in [t for t in (0.5, 0.3, 0.7) if t in targets]:
+        parts = snip_parts(summary, records, target)
+        md += "\n" + parts if parts else ""
     write_text(args.out.with_suffix(".md"),
         "Dev main metric x100 after recovery fine-tuning, mean ± std over seeds (n; no std for one seed), "
         "[mean before recovery], {measured inference speedup over dense: structured results are smaller matrices, "

@@ -123,6 +123,23 @@ def test_cells_no_better_than_the_constant_predictor_are_marked(tmp_path, glue_f
     assert study.with_constants(cells, tmp_path, 8) == cells  # recorded floors need no data
 
 
+def test_snips_parts_are_read_against_the_default_seed_by_seed(bench_script):
+    study = bench_script("study")
+    cells = [{"task": "sst2", "seed": s, "method": m, "target": 0.5, "score": a, "before_recovery": a - 0.01,
+              "main_metric": "accuracy", "constant_score": 0.5}
+             for m, scores in (("snip", (0.80, 0.84, 0.82)), ("snip-no-sn", (0.81, 0.85, None)),
+                               ("snip-lambda1e-3", (0.79, 0.83, 0.80)), ("magnitude", (0.9, 0.9, 0.9)))
+             for s, a in zip((1, 2, 3), scores) if a is not None]
+    md = study.snip_parts(study.summarize(cells), cells, 0.5)
+    lines = md.splitlines()
+    assert lines[2] == "| variant | sst2 |" and lines[4] == "| snip (default) | 82.0 ± 2.0 (n=3) [81.0] |"
+    # per seed: no-sn +1.0 on both its seeds; λ 1e-3 -1, -1, -2 (mean -1.33, s.e. 0.33)
+    assert "| snip-lambda1e-3 | 80.7 ± 2.1 (n=3) [79.7]; -1.3 ± 0.3 |" in lines
+    assert "| snip-no-sn | 83.0 ± 2.8 (n=2) [82.0]; +1.0 ± 0.0 |" in lines
+    assert not any("magnitude" in line for line in lines)  # the baselines are in the lead table, not here
+    assert study.snip_parts(study.summarize(cells), cells, 0.3) == ""  # no cells there
+
+
 def test_share_of_dense_averages_over_sst2_mrpc_stsb_and_shows_cola_beside(bench_script):
     study = bench_script("study")
     records = [{"task": t, "seed": 1, "method": m, "target": target, "score": score, "before_recovery": score,
