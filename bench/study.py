@@ -435,6 +435,11 @@ def _mean_std(v: dict) -> str:
     return f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["std"] is not None else "")
 
 
+def _constant(rows: dict) -> float | None:
+    """The constant predictor's score on a task (`summarize`'s rows of it), or None where no record has it."""
+    return next((c["constant"] for v in rows.values() for c in v.values() if c.get("constant") is not None), None)
+
+
 def _n(v: dict) -> str:
     """'(n=3)', or '(n=3, 2 ≤ constant)' when some seeds score no better than the constant predictor."""
     return f"(n={v['n']}, {v['at_constant']} ≤ constant)" if v.get("at_constant") else f"(n={v['n']})"
@@ -455,8 +460,7 @@ def table(summary: dict, targets: list[float]) -> str:
         cols = [t for t in targets if any(str(t) in v for r, v in rows.items() if r != "dense")]
         best = {t: max((v[str(t)]["mean"] for r, v in rows.items() if str(t) in v and r != "dense"), default=None)
                 for t in cols}
-        constant = next((c["constant"] for v in rows.values() for c in v.values() if c.get("constant") is not None),
-                        None)
+        constant = _constant(rows)
         floor = f"; constant predictor {100 * constant:.1f}" if constant is not None else ""
         out += [f"**{task}** ({metric} x100; dense {_mean_std(dense)}, n={dense['n']}{floor})" if dense
                 else f"**{task}** ({metric} x100{floor})", ""]
@@ -637,26 +641,37 @@ def across_tasks(records: list[dict], summary: dict, target: float) -> str:
 
 def figures(summary: dict, out: Path) -> list[Path]:
     """One PNG per task: score vs compression, a line per method of minisnip's METHODS (SNIP's variants are
-    ablations, in the table only) with std error bars over seeds, dense as a band."""
+    ablations, in the table only) with std error bars over seeds, dense as a band. One colour per method (a
+    distilled row dashed, in its method's colour), SNIP drawn thicker, the constant predictor's score dotted, the
+    legend beside the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
     for task, rows in summary.items():
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
         dense = rows.get("dense", {}).get("0.0")
         if dense:
             spread = dense["std"] or 0.0
             ax.axhspan(100 * (dense["mean"] - spread), 100 * (dense["mean"] + spread), color="0.85",
                        label=f"dense {100 * dense['mean']:.1f}")
-        for row in sorted(r for r in rows if r.split(" ")[0] in METHODS):
+        constant = _constant(rows)
+        if constant is not None:  # what always predicting the majority class (or the mean) scores
+            ax.axhline(100 * constant, color="0.4", linestyle=":", label=f"constant predictor {100 * constant:.1f}")
+        shown = sorted(r for r in rows if r.split(" ")[0] in METHODS)
+        palette = list(plt.cm.tab10.colors) + [plt.cm.tab20(2 * k + 1) for k in range(10)]  # 20, the first 10 apart
+        colours = {m: palette[i % 20] for i, m in enumerate(dict.fromkeys(r.split(" ")[0] for r in shown))}
+        for row in shown:
+            method, distilled = row.split(" ")[0], row.endswith("+distill")
             pts = sorted((float(t), v) for t, v in rows[row].items())
             ax.errorbar([100 * t for t, _ in pts], [100 * v["mean"] for _, v in pts],
-                        yerr=[100 * (v["std"] or 0.0) for _, v in pts], marker="o", capsize=3, label=row)
+                        yerr=[100 * (v["std"] or 0.0) for _, v in pts], marker="s" if distilled else "o", capsize=3,
+                        label=row, color=colours[method], linestyle="--" if distilled else "-",
+                        linewidth=2.5 if method == "snip" else 1.2, zorder=3 if method == "snip" else 2)
         metric = (dense or next(iter(next(iter(rows.values())).values())))["metric"]
         ax.set(title=f"{task}: dev {metric} after pruning and recovery", xlabel="target compression (%)",
                ylabel=f"{metric} (x100)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out.parent / f"{out.name}_{task}.png"
         save_figure(fig, path, dpi=100)
