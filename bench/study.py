@@ -80,6 +80,8 @@ VARIANTS: dict[str, tuple] = {
     "snip-warmup0": (snip_method, {"prior_warmup": 0.0}),
     "snip-loss-gate": (snip_method, {"prior_gate": "loss"}),  # λ_t times the share of the first loss explained
     "snip-baseline-gate": (snip_method, {"prior_gate": "baseline"}),  # λ_t gated by the loss below a constant one's
+    # the stronger prior that wins the 70% cut, gated so that a task learnt late (MRPC at 1e-3, CoLA) is learnt first
+    "snip-lambda1e-3-gate": (snip_method, {"prior_lambda": 1e-3, "prior_gate": "baseline"}),
     "snip-unweighted": (snip_method, {"prior_weights": None}),
     "snip-prox-lambda30": (snip_method, {"prior_step": "proximal", "prox_lambda": 30.0}),
     "snip-prox-lambda100": (snip_method, {"prior_step": "proximal", "prox_lambda": 100.0}),
