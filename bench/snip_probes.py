@@ -248,18 +248,20 @@ class GateWatch(TrainHook):
     """After every step: the gate's state (PriorPenalty's L̄_t, B_t, g_t, λ_t) and the clamped mean L̄'_t beside it."""
 
     def __init__(self, prior: PriorPenalty) -> None:
-        self.prior, self.clamped = prior, None
+        self.prior, self.clamped, self.lam = prior, None, 0.0
         self.rows: list[dict] = []
 
+    def before_forward(self, ctx: StepContext) -> None:
+        self.lam = self.prior.strength()  # the λ_t this step's prior will use (its term advances the step)
+
     def after_step(self, ctx: StepContext) -> None:
-        p = self.prior
+        p, lam = self.prior, self.lam
         loss = float(ctx.loss.detach())
         base = float(p.baseline_loss()) if p.label_stats is not None else float("nan")
         c = min(loss, base) if base == base else loss
         self.clamped = c if self.clamped is None else p.GATE_DECAY * self.clamped + (1 - p.GATE_DECAY) * c
-        lam = p.lam if p.step > p.warmup_steps else p.lam * p.step / (p.warmup_steps + 1)  # the λ_t just used
         gate = float(p._gate()) if p.mean_loss is not None else 1.0
-        clamped_gate = min(1.0, max(0.0, (1 - self.clamped / base) / p.GATE_MARGIN)) if base > 0 else 0.0
+        clamped_gate = (float(p.baseline_gate(torch.tensor(self.clamped), p.baseline_loss())) if base > 0 else 0.0)
         self.rows.append({"step": ctx.step, "loss": loss, "mean_loss": float(p.mean_loss) if p.mean_loss is not None
                           else loss, "baseline_loss": base, "gate": gate, "lambda_t": lam, "lambda_gated": lam * gate,
                           "clamped_mean_loss": self.clamped, "clamped_gate": clamped_gate})

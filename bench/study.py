@@ -452,6 +452,11 @@ def _before(v: dict) -> str:
     return f" [{100 * v['before_recovery']:.1f}]" if v["before_recovery"] is not None else ""
 
 
+def _cell(v: dict) -> str:
+    """One summary cell as the cross-task tables show it: '83.1 ± 1.3 (n=3) [81.1]'."""
+    return f"{_mean_std(v)} {_n(v)}{_before(v)}"
+
+
 def table(summary: dict, targets: list[float]) -> str:
     """Markdown, one block per task: rows = methods, columns = target compressions; mean ± std (n) [before
     recovery] {speedup}; the best mean per column in bold."""
@@ -499,12 +504,17 @@ def lead(a: dict, b: dict, key: str = "mean") -> tuple[float, float | None]:
     return diff, math.sqrt(a[std] ** 2 / a["n"] + b[std] ** 2 / b["n"])
 
 
+def _diff_text(diff: float, se: float | None) -> str:
+    """'+2.0 ± 1.4' x100, or '+2.0' where there is no standard error."""
+    return f"{100 * diff:+.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+
 def _lead_text(diff: float, se: float | None) -> str:
     """'+2.0 ± 1.4 (ahead by > s.e.)' x100, or '+2.0 (one seed)' where there is no standard error."""
     if se is None:
-        return f"{100 * diff:+.1f} (one seed)"
+        return f"{_diff_text(diff, se)} (one seed)"
     verdict = "ahead by > s.e." if diff > se else ("behind by > s.e." if diff < -se else "within the s.e.")
-    return f"{100 * diff:+.1f} ± {100 * se:.1f} ({verdict})"
+    return f"{_diff_text(diff, se)} ({verdict})"
 
 
 def paired_lead(records: list[dict], task: str, target: float, a: str, b: str) -> tuple[float, float | None, int]:
@@ -588,9 +598,7 @@ def snip_parts(summary: dict, records: list[dict], target: float) -> str:
            "SNIP's default (`snip`), paired by seed: the mean and its standard error over the seeds both have, `on k` where "
            "those are fewer than the variant's)", "",
            "| variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks),
-           "| snip (default) | " + " | ".join(f"{_mean_std(summary[t]['snip'][str(target)])} "
-                                             f"{_n(summary[t]['snip'][str(target)])}"
-                                             f"{_before(summary[t]['snip'][str(target)])}" for t in tasks) + " |"]
+           "| snip (default) | " + " | ".join(_cell(summary[t]["snip"][str(target)]) for t in tasks) + " |"]
     for row in variants:
         cells = []
         for t in tasks:
@@ -599,8 +607,8 @@ def snip_parts(summary: dict, records: list[dict], target: float) -> str:
                 cells.append("–")
                 continue
             d, se, n = paired_lead(records, t, target, row, "snip")
-            paired = "" if n == 0 else f"; {_lead_text(d, se).split(' (')[0]}" + (f" (on {n})" if n != v["n"] else "")
-            cells.append(f"{_mean_std(v)} {_n(v)}{_before(v)}{paired}")
+            paired = "" if n == 0 else f"; {_diff_text(d, se)}" + (f" (on {n})" if n != v["n"] else "")
+            cells.append(_cell(v) + paired)
         out.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
@@ -633,7 +641,7 @@ def across_tasks(records: list[dict], summary: dict, target: float) -> str:
         cells = []
         for t in tasks:
             v = summary[t].get(row, {}).get(str(target))
-            cells.append("–" if v is None else f"{_mean_std(v)} {_n(v)}{_before(v)}")
+            cells.append("–" if v is None else _cell(v))
         per_task = share.get(row, {})
         kept = (f"{100 * statistics.fmean(statistics.fmean(per_task[t]) for t in averaged):.1f}%"
                 if all(t in per_task for t in averaged) else "–")

@@ -178,11 +178,16 @@ class PriorPenalty(TrainHook):
         p = st / st.sum().clamp_min(1)
         return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum().float()
 
+    @classmethod
+    def baseline_gate(cls, mean_loss: Tensor, baseline: Tensor) -> Tensor:
+        """The "baseline" gate's g_t = clamp((1 - L̄_t / B_t) / GATE_MARGIN, 0, 1) of a running loss and B_t."""
+        explained = 1 - mean_loss / baseline.to(mean_loss.device).clamp_min(1e-12)
+        return (explained / cls.GATE_MARGIN).clamp(0, 1)
+
     def _gate(self) -> Tensor:
         """g_t from the current L̄_t (and L_1, or B_t)."""
         if self.gate == "baseline":
-            explained = 1 - self.mean_loss / self.baseline_loss().to(self.mean_loss.device).clamp_min(1e-12)
-            return (explained / self.GATE_MARGIN).clamp(0, 1)
+            return self.baseline_gate(self.mean_loss, self.baseline_loss())
         return (1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1)
 
     def __call__(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None,
