@@ -78,7 +78,6 @@ VARIANTS: dict[str, tuple] = {
     "snip-lambda1e-4": (snip_method, {"prior_lambda": 1e-4}),
     "snip-lambda1e-3": (snip_method, {"prior_lambda": 1e-3}),
     "snip-warmup0": (snip_method, {"prior_warmup": 0.0}),
-    "snip-warmup0.25": (snip_method, {"prior_warmup": 0.25}),
     "snip-warmup1": (snip_method, {"prior_warmup": 1.0}),  # λ reaches full strength at the last step
     "snip-loss-gate": (snip_method, {"prior_gate": "loss"}),  # λ_t times the share of the first loss explained
     "snip-baseline-gate": (snip_method, {"prior_gate": "baseline"}),  # λ_t gated by the loss below a constant one's
