@@ -261,7 +261,7 @@ class GateWatch(TrainHook):
         c = min(loss, base) if base == base else loss
         self.clamped = c if self.clamped is None else p.GATE_DECAY * self.clamped + (1 - p.GATE_DECAY) * c
         gate = float(p._gate()) if p.mean_loss is not None else 1.0
-        clamped_gate = (float(p.baseline_gate(torch.tensor(self.clamped), p.baseline_loss())) if base > 0 else 0.0)
+        clamped_gate = float(p.baseline_gate(torch.tensor(self.clamped), torch.tensor(base))) if base > 0 else 0.0
         self.rows.append({"step": ctx.step, "loss": loss, "mean_loss": float(p.mean_loss) if p.mean_loss is not None
                           else loss, "baseline_loss": base, "gate": gate, "lambda_t": lam, "lambda_gated": lam * gate,
                           "clamped_mean_loss": self.clamped, "clamped_gate": clamped_gate})
