@@ -92,6 +92,10 @@ VARIANTS: dict[str, tuple] = {
     "snip-per-param": (snip_method, {}),  # ranking by norm per parameter (RECIPE below)
     "snip-last": (snip_method, {}),  # prunes the last epoch's model, not the best one (LAST_EPOCH below)
     "snip-prox-last": (snip_method, {"prior_step": "proximal"}),
+    # the prior only on the branches the cut at the cell's target would remove now (prior.PriorPenalty, target): a
+    # fine-tune per target, like the methods that train toward their target, and like them pruned at its last epoch
+    "snip-target": (snip_method, {"prior_target": True}),
+    "snip-target-lambda1e-3": (snip_method, {"prior_target": True, "prior_lambda": 1e-3}),
     # not SNIP's: L0's start before 2026-12-07 (log α = 0: every branch halved from the first step, which STS-B
     # does not survive; the default now starts the gates open: docs/methods_structured.md)
     "l0-closed": (l0_method, {"init_drop": 0.5}),
@@ -106,10 +110,17 @@ RECIPE: dict[str, dict] = {
 }
 # variants that prune the model of the last fine-tuning epoch instead of the best one on dev: the prior's λ
 # reaches full strength only after its warm-up, so the best epoch can be one the prior has not shaped yet
-LAST_EPOCH = {"snip-last", "snip-prox-last"}
+LAST_EPOCH = {"snip-last", "snip-prox-last", "snip-target", "snip-target-lambda1e-3"}
+PER_TARGET = {"snip-target", "snip-target-lambda1e-3"}  # variants whose fine-tuning depends on the target
 SAME_TRAINING = {"snip-per-param": "snip"}  # only the selection differs: the cells share snip's fine-tune
 ALL = {**METHODS, **VARIANTS}
-UNSTRUCTURED_EXTRA = (0.9, 0.95)  # unstructured methods' papers claim their strength there
+UNSTRUCTURED_EXTRA = (0.9, 0.95)
+
+
+def per_target(method: str) -> bool:
+    """Whether a method's fine-tuning depends on the target (a scheduled method, or a PER_TARGET variant): then
+    each of its cells is its own fine-tune."""
+    return method != "dense" and (ALL[method][0].SCHEDULED or method in PER_TARGET)  # unstructured methods' papers claim their strength there
 
 
 @dataclass(frozen=True)
@@ -129,8 +140,7 @@ class Cell:
         """Cells with the same training share one fine-tune."""
         if self.method == "dense" or (self.method in PLAIN and not self.distill):
             return (self.task, self.seed, "plain", False)
-        module = ALL[self.method][0]
-        if module.SCHEDULED:
+        if per_target(self.method):
             return self.key
         return (self.task, self.seed, SAME_TRAINING.get(self.method, self.method), self.distill)
 
@@ -343,7 +353,7 @@ class Study:
             record.update(compression=0.0, before_recovery=finetuned[split][metric], score=finetuned[split][metric])
             return record
         module = ALL[cell.method][0]
-        pruned = copy.deepcopy(model) if not module.SCHEDULED else model
+        pruned = copy.deepcopy(model) if not per_target(cell.method) else model
         cfg = self.prune_cfg(cell)
         t0 = time.perf_counter()
         dense_config = BertConfig.from_dict(model.config.to_dict())
@@ -356,7 +366,7 @@ class Study:
                       removed=outcome.removed, structured=module.STRUCTURED)
         record["linear_weight_ratio"] = dense_encoder_linear_params(dense_config) / max(1, encoder_linear_params(pruned))
         record["speedup"], record["speedup_cpu"] = speedup(self.timing_reference(data), pruned)
-        if module.SCHEDULED:
+        if per_target(cell.method):
             del self.trained[cell.training]  # used once
         return record
 

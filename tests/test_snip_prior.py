@@ -291,3 +291,71 @@ def test_loss_gate_is_a_switch_of_snips_config():
         Config(prior_gate="grad")
     with pytest.raises(ValueError, match="not to the proximal step"):
         Config(prior_gate="loss", prior_step="proximal")
+
+
+def test_targeted_prior_penalises_exactly_the_branches_the_cut_at_the_target_would_remove():
+    """PriorPenalty(target=t): the weights are 1 on the branches `select_for_target` takes from the batch's norms
+    (the first choice has no running history) and 0 elsewhere."""
+    from minisnip.pruning import select_for_target
+    from minisnip.snip.prior import PriorPenalty
+    m = make_model(layers=3)
+    ids, mask = make_batch()
+    kinds = ("head", "neurons")
+    hook = PriorPenalty(1e-3, kinds, 32, weights=None, target=0.4)
+    trace = []
+    m(ids, mask, trace=trace)
+    got = hook(m, trace, mask)
+    norms = function_norms(m, [{"input_ids": ids, "attention_mask": mask}], kinds=kinds, neuron_group_size=32)
+    cut = select_for_target(list_branches(m, kinds, 32), norms, 0.4, model=m)
+    assert cut and hook.targeted == set(cut)  # this small model's 40% cut takes heads and groups, no whole block
+    assert len(hook.targeted) < len(norms)
+    assert got.item() == pytest.approx(1e-3 * sum(norms[n] for n in cut), rel=1e-5)
+    # the gradient: that of the targeted norms alone (a kept branch's weight is 0, not left out of the sum)
+    got.backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    trace = []
+    m(ids, mask, trace=trace)
+    weights = {n: float(n in cut) for n in norms}
+    (1e-3 * identity_prior(m, trace, mask, kinds, weights, 32)).backward()
+    for n, p in m.named_parameters():
+        if n in want:
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-9)
+    # chosen anew every TARGET_EVERY steps, from the running norms
+    for _ in range(PriorPenalty.TARGET_EVERY - 1):
+        hook(m, trace, mask)
+    before = hook.targeted
+    hook.targeted = None
+    hook(m, trace, mask)
+    assert hook.targeted == before  # the same batch again: the same norms, the same choice
+
+
+def test_targeted_prior_takes_every_head_of_a_block_the_cut_takes_whole():
+    from minisnip.snip.prior import PriorPenalty
+    m = make_model(layers=2)
+    with torch.no_grad():
+        m.layers[1].attention.out.weight.mul_(1e-3)  # layer 1's heads are the smallest branches by far
+    ids, mask = make_batch()
+    hook = PriorPenalty(1e-3, ("head", "neurons"), 32, weights=None, target=0.2)
+    trace = []
+    m(ids, mask, trace=trace)
+    hook(m, trace, mask)
+    assert {f"layer1.head{h}" for h in range(4)} <= hook.targeted
+
+
+def test_targeted_prior_is_a_switch_that_needs_a_target():
+    from minisnip.snip import method
+    from minisnip.snip.prior import PriorPenalty
+    m = make_model()
+    cfg = method.Config(prior_target=True)
+    with pytest.raises(ValueError, match="needs a target compression"):
+        method.training_hooks(m, cfg, None, 10, ("head", "neurons"), 32)
+    assert not any(hasattr(lin, "parametrizations") for lin in (m.layers[0].attention.out, m.layers[0].ffn.down))
+    (hook,) = method.training_hooks(m, cfg, 0.5, 10, ("head", "neurons"), 32)
+    assert hook.target == 0.5
+    (plain,) = method.training_hooks(make_model(), method.Config(), 0.5, 10, ("head", "neurons"), 32)
+    assert plain.target is None
+    with pytest.raises(ValueError, match="not to the proximal step"):
+        method.Config(prior_target=True, prior_step="proximal")
+    with pytest.raises(ValueError, match="target must be a compression"):
+        PriorPenalty(1e-3, ("head",), None, target=1.5)

@@ -52,6 +52,8 @@ class Config:
     prior_gate: str = "none"  # "loss": λ_t also scaled by the share of its first loss the task has explained;
     #                           "baseline": by how far its loss is below a constant predictor's (prior.PriorPenalty,
     #                           gate; neither is the paper's); "none": the paper's prior
+    prior_target: bool = False  # the prior only on the branches the thresholding at the target would remove now
+    #                             (prior.PriorPenalty, target; not the paper's): one fine-tune per target
     prox_lambda: float = 300.0  # λ of the proximal step, on the scale of output-weight norms (how 300 was reasoned
     #                             from MiniLM's norms and the study's schedule: docs/snip.md, the proximal step)
 
@@ -75,6 +77,9 @@ class Config:
         if self.prior_gate != "none" and self.prior_step == "proximal":
             raise ValueError("prior_gate applies to the prior in the loss (prior_step='subgradient'), not to the "
                              "proximal step")
+        if self.prior_target and self.prior_step == "proximal":
+            raise ValueError("prior_target applies to the prior in the loss (prior_step='subgradient'), not to the "
+                             "proximal step")
         if not (isinstance(self.prox_lambda, (int, float)) and math.isfinite(self.prox_lambda) and self.prox_lambda >= 0):
             raise ValueError(f"prox_lambda must be a finite number ≥ 0, got {self.prox_lambda!r}")
         if self.sn_bound != "init" and not (isinstance(self.sn_bound, (int, float)) and not isinstance(self.sn_bound, bool)
@@ -89,7 +94,11 @@ class Config:
 def check(model: nn.Module, cfg: Config, target: float | None, kinds: tuple[str, ...],
           neuron_group_size: int | None) -> None:
     """What the proximal step would refuse at its first step (whole blocks as kinds, FFN widths that are not
-    multiples of the group size), found before any training (the recipe calls it)."""
+    multiples of the group size), and a targeted prior without a target, found before any training (the recipe
+    calls it)."""
+    if cfg.uses_prior and cfg.prior_target and target is None:
+        raise ValueError("prior_target needs a target compression (--target): it penalises the branches that "
+                         "thresholding at the target would remove")
     if cfg.uses_prior and cfg.prior_step == "proximal":
         output_weight_groups(model, kinds, neuron_group_size)
 
@@ -97,6 +106,7 @@ def check(model: nn.Module, cfg: Config, target: float | None, kinds: tuple[str,
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int, kinds: tuple[str, ...],
                    neuron_group_size: int) -> list[TrainHook]:
     """Put SN on the branch matrices (when on) and return the prior's hook (when on)."""
+    check(model, cfg, target, kinds, neuron_group_size)
     if cfg.spectral_norm:
         apply_spectral_norm(model, which=SN_MATRICES[cfg.sn_matrices], bound=cfg.sn_bound, init_scale=cfg.sn_scale)
     if not cfg.uses_prior:
@@ -105,7 +115,7 @@ def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_st
     if cfg.prior_step == "proximal":
         return [ProximalPrior(cfg.prox_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup)]
     return [PriorPenalty(cfg.prior_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup,
-                         gate=cfg.prior_gate)]
+                         gate=cfg.prior_gate, target=target if cfg.prior_target else None)]
 
 
 def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:

@@ -39,7 +39,8 @@ from torch.nn.utils import parametrize
 from .. import distributed
 from ..model import LayerTrace
 from ..train import StepContext, TrainHook
-from ..pruning.branches import DEFAULT_KINDS, branch_params, resolve_kinds
+from ..pruning.branches import DEFAULT_KINDS, branch_params, list_branches, parse_name, resolve_kinds
+from ..pruning.select import select_for_target
 from ..surgery import encoder_of
 from .norms import batch_sq_norms
 
@@ -112,6 +113,13 @@ class PriorPenalty(TrainHook):
     0 while the model does no better than predicting the majority class (or the mean), and fully open once its
     loss is a quarter (GATE_MARGIN) below that; "loss" also counts the first steps' fall from a random head's
     loss to the majority class's as learning, and opens only in proportion.
+
+    With a `target` compression (an option of minisnip's, not the paper's: the paper's prior does not know how
+    much will be cut) the prior acts only on the branches that thresholding at that target would remove now:
+    every TARGET_EVERY steps the batch's norms are folded into running ones and `select_for_target` chooses;
+    those branches keep their weight w_m, every other branch gets 0. The branches to be cut are pushed toward
+    zero and the ones to be kept are left to the task, so the cut should cost less before recovery; the price
+    is one fine-tune per target instead of one for all targets.
     """
 
     needs_traces = True
@@ -120,13 +128,23 @@ class PriorPenalty(TrainHook):
     GATES = ("none", "loss", "baseline")
     GATE_DECAY = 0.98  # the loss average's memory: about 50 steps
     GATE_MARGIN = 0.25  # "baseline": open once the loss is this share below the constant predictor's (a choice)
+    TARGET_EVERY = 10  # with a target: steps between two choices of the targeted branches
+    TARGET_DECAY = 0.8  # with a target: memory of the running norms, in samples (one every TARGET_EVERY steps)
 
     def __init__(self, lam: float, kinds: Iterable[str], neuron_group_size: int | None,
                  weights: None | str | Mapping[str, float] = "params", warmup_steps: int = 0,
-                 gate: str = "none") -> None:
+                 gate: str = "none", target: float | None = None) -> None:
         if gate not in self.GATES:
             raise ValueError(f"gate must be one of {self.GATES}, got {gate!r}")
+        if target is not None and not (isinstance(target, (int, float)) and 0 < target < 1):
+            raise ValueError(f"target must be a compression in (0, 1) or None, got {target!r}")
+        if target is not None and isinstance(weights, Mapping):
+            raise ValueError("a targeted prior chooses its own branches: give weights None or 'params', not a dict")
         self.lam, self.kinds, self.neuron_group_size, self.weights = lam, tuple(kinds), neuron_group_size, weights
+        self.target = target
+        self.targeted: set[str] | None = None  # with a target: the branches the prior acts on now
+        self._norm_sq: dict[str, float] = {}  # with a target: running mean squared norms, sampled every few steps
+        self._target_w: dict[str, float] = {}
         self.warmup_steps, self.step = max(0, warmup_steps), 0
         self.gate = gate
         self.first_loss: Tensor | None = None  # L_1 and L̄_t (tensors: reading them would wait for a GPU)
@@ -190,12 +208,45 @@ class PriorPenalty(TrainHook):
             return self.baseline_gate(self.mean_loss, self.baseline_loss())
         return (1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1)
 
+    def reselect(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None) -> None:
+        """With a target: fold this batch's norms into the running ones (m <- TARGET_DECAY m + (1 - TARGET_DECAY)
+        batch, squares averaged) and choose the branches the thresholding at the target would remove now
+        (`select_for_target` on the running norms, smallest first; a block it takes stands for all its heads or
+        neuron groups)."""
+        kinds, size = resolve_kinds(model, self.kinds, self.neuron_group_size)
+        with torch.no_grad():
+            names, sums, count = batch_sq_norms(model, traces, mask, kinds, size)
+            sums, count = distributed.global_sum(sums), distributed.global_sum(count)
+            means = (sums.double() / count.clamp_min(1).double()).tolist()
+        d = self.TARGET_DECAY
+        self._norm_sq = {n: m if n not in self._norm_sq else d * self._norm_sq[n] + (1 - d) * m
+                         for n, m in zip(names, means)}
+        scores = {n: max(v, 0.0) ** 0.5 for n, v in self._norm_sq.items()}
+        chosen = set(select_for_target(list_branches(model, kinds, size), scores, self.target, model=model))
+        part = {"attention": "head", "ffn": "neurons"}  # a whole block taken: all of its heads / neuron groups
+        whole = {(layer, part[kind]) for layer, kind, _ in map(parse_name, chosen) if kind in part}
+        self.targeted = {n for n in names if n in chosen or parse_name(n)[:2] in whole}
+
+    def target_weights(self, model: nn.Module) -> dict[str, float]:
+        """w_m of the targeted prior: the usual weight (1, or by parameters) on the chosen branches, 0 elsewhere."""
+        kinds, size = resolve_kinds(model, self.kinds, self.neuron_group_size)
+        names = list(branch_params(model, kinds, size))
+        base = _weights(model, names, kinds, self.weights, size)
+        base = [1.0] * len(names) if base is None else base.tolist()
+        return {n: (w if n in self.targeted else 0.0) for n, w in zip(names, base)}
+
     def __call__(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None,
                  task_loss: Tensor | None = None) -> Tensor:
         """λ_t R on one batch's traces (times g_t with a gate, which needs `task_loss`); advances the step."""
         lam = self.strength()
+        weights = self.weights
+        if self.target is not None:
+            if self.step % self.TARGET_EVERY == 0:
+                self.reselect(model, traces, mask)
+                self._target_w = self.target_weights(model)
+            weights = self._target_w
         self.step += 1
-        penalty = lam * identity_prior(model, traces, mask, self.kinds, self.weights, self.neuron_group_size)
+        penalty = lam * identity_prior(model, traces, mask, self.kinds, weights, self.neuron_group_size)
         if self.gate == "none":
             return penalty
         if task_loss is None:
