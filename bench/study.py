@@ -96,6 +96,7 @@ VARIANTS: dict[str, tuple] = {
     # fine-tune per target, like the methods that train toward their target, and like them pruned at its last epoch
     "snip-target": (snip_method, {"prior_target": True}),
     "snip-target-lambda1e-3": (snip_method, {"prior_target": True, "prior_lambda": 1e-3}),
+    "snip-target-lambda1e-2": (snip_method, {"prior_target": True, "prior_lambda": 1e-2}),
     # not SNIP's: L0's start before 2026-12-07 (log α = 0: every branch halved from the first step, which STS-B
     # does not survive; the default now starts the gates open: docs/methods_structured.md)
     "l0-closed": (l0_method, {"init_drop": 0.5}),
@@ -110,8 +111,8 @@ RECIPE: dict[str, dict] = {
 }
 # variants that prune the model of the last fine-tuning epoch instead of the best one on dev: the prior's λ
 # reaches full strength only after its warm-up, so the best epoch can be one the prior has not shaped yet
-LAST_EPOCH = {"snip-last", "snip-prox-last", "snip-target", "snip-target-lambda1e-3"}
-PER_TARGET = {"snip-target", "snip-target-lambda1e-3"}  # variants whose fine-tuning depends on the target
+PER_TARGET = {"snip-target", "snip-target-lambda1e-3", "snip-target-lambda1e-2"}  # fine-tuning depends on the target
+LAST_EPOCH = {"snip-last", "snip-prox-last", *PER_TARGET}
 SAME_TRAINING = {"snip-per-param": "snip"}  # only the selection differs: the cells share snip's fine-tune
 ALL = {**METHODS, **VARIANTS}
 UNSTRUCTURED_EXTRA = (0.9, 0.95)
