@@ -109,19 +109,19 @@ RECIPE: dict[str, dict] = {
     "snip-blocks": {"kinds": ("attention", "ffn")},
     "snip-per-param": {"per_param": True},
 }
+PER_TARGET = {"snip-target", "snip-target-lambda1e-3", "snip-target-lambda1e-2"}  # fine-tuning depends on the target
 # variants that prune the model of the last fine-tuning epoch instead of the best one on dev: the prior's λ
 # reaches full strength only after its warm-up, so the best epoch can be one the prior has not shaped yet
-PER_TARGET = {"snip-target", "snip-target-lambda1e-3", "snip-target-lambda1e-2"}  # fine-tuning depends on the target
 LAST_EPOCH = {"snip-last", "snip-prox-last", *PER_TARGET}
 SAME_TRAINING = {"snip-per-param": "snip"}  # only the selection differs: the cells share snip's fine-tune
 ALL = {**METHODS, **VARIANTS}
-UNSTRUCTURED_EXTRA = (0.9, 0.95)
+UNSTRUCTURED_EXTRA = (0.9, 0.95)  # unstructured methods' papers claim their strength there
 
 
 def per_target(method: str) -> bool:
     """Whether a method's fine-tuning depends on the target (a scheduled method, or a PER_TARGET variant): then
     each of its cells is its own fine-tune."""
-    return method != "dense" and (ALL[method][0].SCHEDULED or method in PER_TARGET)  # unstructured methods' papers claim their strength there
+    return method != "dense" and (ALL[method][0].SCHEDULED or method in PER_TARGET)
 
 
 @dataclass(frozen=True)
