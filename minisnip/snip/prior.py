@@ -118,8 +118,9 @@ class PriorPenalty(TrainHook):
     much will be cut) the prior acts only on the branches that thresholding at that target would remove now:
     every TARGET_EVERY steps the batch's norms are folded into running ones and `select_for_target` chooses;
     those branches keep their weight w_m, every other branch gets 0. The branches to be cut are pushed toward
-    zero and the ones to be kept are left to the task, so the cut should cost less before recovery; the price
-    is one fine-tune per target instead of one for all targets.
+    zero and the ones to be kept are left to the task, so that the cut costs less before recovery; the price is
+    one fine-tune per target instead of one for all targets. What it measured, and why it is off by default:
+    docs/snip.md, "A prior aimed at the target".
     """
 
     needs_traces = True
