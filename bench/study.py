@@ -7,7 +7,8 @@ One *cell* is (task, seed, method, target, distill). The costly part is shared w
   of that model and recovered; snip-no-prior, magnitude and heads all train plainly (no terms of their own), so
   they share one plain fine-tune, which is also the dense reference ("dense", target 0);
 * a scheduled method (movement, l0, dsp, magnitude-unstructured, sparsebert, ...) trains toward its target, so
-  each of its cells is its own fine-tune;
+  each of its cells is its own fine-tune; so does each cell of a SNIP variant whose prior aims at the target
+  (PER_TARGET);
 * distillation's teacher is the plain fine-tune of the same task and seed.
 
 Each finished cell is appended as one JSON line to <out>.jsonl (duplicates from concurrent processes count once),
