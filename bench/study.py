@@ -11,7 +11,8 @@ One *cell* is (task, seed, method, target, distill). The costly part is shared w
   (PER_TARGET);
 * distillation's teacher is the plain fine-tune of the same task and seed.
 
-Each finished cell is appended as one JSON line to <out>.jsonl (duplicates from concurrent processes count once),
+Each finished cell is appended as one JSON line to <out>.jsonl (its removed branches grouped by layer and kind,
+`compact_removed`; duplicates from concurrent processes count once),
 so an interrupted study resumes where it stopped; `--shard i/n` splits the trainings (and their cells) over n processes (one torch
 thread each: two shards share a 2-core machine), and `--claim` lets any number of processes take the plan's units
 from one queue instead (bench/study_gpu.sh runs a GPU's worth of them). Before it starts, the runner prints its plan and an estimate of
@@ -57,6 +58,7 @@ from minisnip.finetune import TaskData, load_task_data, new_classifier  # noqa: 
 from minisnip.glue import get_task, load_split  # noqa: E402
 from minisnip.metrics import constant_scores, learnt  # noqa: E402
 from minisnip.config import BertConfig  # noqa: E402
+from minisnip.pruning.branches import parse_name  # noqa: E402
 from minisnip.pruning.compression import (COMPRESSION_DEFINITION, dense_encoder_linear_params,  # noqa: E402
                                           encoder_linear_params)
 from minisnip.pruning.distill import DistillConfig  # noqa: E402
@@ -225,12 +227,35 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def compact_removed(names: list[str]) -> dict[str, list[int] | None]:
+    """A record's `removed` as the JSONL stores it: {"layer0.head": [0, 1, 3], "layer3.ffn": None, ...}, the indices
+    of each layer's heads and neuron groups under one key (a quarter of the names' size; `expand_removed` undoes it)."""
+    out: dict[str, list[int] | None] = {}
+    for name in names:
+        layer, kind, index = parse_name(name)
+        if index is None:
+            out[name] = None
+        else:
+            out.setdefault(f"layer{layer}.{kind}", []).append(index)
+    return out
+
+
+def expand_removed(stored: dict[str, list[int] | None] | list[str]) -> list[str]:
+    """The branch names of a stored `removed` (`compact_removed`), grouped by layer and kind as stored."""
+    if isinstance(stored, list):  # the plain list of names
+        return stored
+    return [key if indices is None else f"{key}{i}" for key, indices in stored.items() for i in (indices or [None])]
+
+
 def read_records(jsonl: Path) -> list[dict]:
-    """The records in `jsonl`, the first one per cell (concurrent processes may have written one twice)."""
+    """The records in `jsonl`, the first one per cell (concurrent processes may have written one twice), with
+    `removed` as branch names."""
     first: dict = {}
     for line in (jsonl.read_text().splitlines() if jsonl.exists() else []):
         if line.strip():
             r = json.loads(line)
+            if r.get("removed") is not None:
+                r["removed"] = expand_removed(r["removed"])
             first.setdefault((r["task"], r["seed"], r["method"], r["target"], r.get("distill", False)), r)
     return list(first.values())
 
@@ -365,7 +390,7 @@ class Study:
             if cfg.recovery_epochs else before
         record.update(compression=outcome.report["compression"], sparsity=outcome.report.get("sparsity"),
                       before_recovery=before, score=after, prune_seconds=time.perf_counter() - t0,
-                      removed=outcome.removed, structured=module.STRUCTURED)
+                      removed=compact_removed(outcome.removed), structured=module.STRUCTURED)
         record["linear_weight_ratio"] = dense_encoder_linear_params(dense_config) / max(1, encoder_linear_params(pruned))
         record["speedup"], record["speedup_cpu"] = speedup(self.timing_reference(data), pruned)
         if per_target(cell.method):

@@ -310,3 +310,14 @@ def test_targeted_variant_fine_tunes_once_per_target(tmp_path, glue_fixtures_dir
     records = [r for r in study.read_records(out.with_suffix(".jsonl")) if r["method"] == "snip-target"]
     assert sorted(r["target"] for r in records) == [0.3, 0.5]
     assert all(r["finetune_epoch"] == 2 and r["compression"] >= r["target"] for r in records)
+
+
+def test_removed_is_stored_by_layer_and_kind_and_read_back_as_names(bench_script):
+    study = bench_script("study")
+    names = ["layer0.head0", "layer0.head3", "layer0.neurons2", "layer1.attention", "layer2.neurons0",
+             "layer2.neurons5", "layer3.ffn"]
+    stored = study.compact_removed(names)
+    assert stored == {"layer0.head": [0, 3], "layer0.neurons": [2], "layer1.attention": None,
+                      "layer2.neurons": [0, 5], "layer3.ffn": None}
+    assert study.expand_removed(json.loads(json.dumps(stored))) == names
+    assert study.expand_removed(names) == names and study.compact_removed([]) == {}
