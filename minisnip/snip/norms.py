@@ -36,6 +36,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..model import Layer, LayerTrace
 from ..pruning.branches import DEFAULT_KINDS, branch_name, branch_params, check_kinds, resolve_kinds
 from ..surgery import encoder_of
@@ -371,8 +372,10 @@ class NormEMA:
 
     @torch.no_grad()
     def update(self, traces: Sequence[LayerTrace], mask: Tensor | None, model: nn.Module) -> None:
-        """Fold one batch in. traces: from model(..., trace=[]); mask: that batch's attention_mask."""
+        """Fold one batch in. traces: from model(..., trace=[]); mask: that batch's attention_mask. Under torchrun
+        the batch is the global one (every rank must call it; one process: as is)."""
         names, sums, count = batch_sq_norms(model, traces, mask, self.kinds, self.neuron_group_size)
+        sums, count = distributed.global_sum(sums), distributed.global_sum(count)
         if int(count) == 0:
             return
         means = (sums.detach().double() / int(count)).tolist()

@@ -42,7 +42,7 @@ from ..train import StepContext, TrainHook
 from ..pruning.branches import DEFAULT_KINDS, branch_params, list_branches, parse_name, resolve_kinds
 from ..pruning.select import select_for_target
 from ..surgery import encoder_of
-from .norms import batch_sq_norms
+from .norms import NormEMA, batch_sq_norms
 
 _EPS = 1e-20
 
@@ -144,7 +144,8 @@ class PriorPenalty(TrainHook):
         self.lam, self.kinds, self.neuron_group_size, self.weights = lam, tuple(kinds), neuron_group_size, weights
         self.target = target
         self.targeted: set[str] | None = None  # with a target: the branches the prior acts on now
-        self._norm_sq: dict[str, float] = {}  # with a target: running mean squared norms, sampled every few steps
+        # with a target: running norms, sampled every TARGET_EVERY steps
+        self._norms = NormEMA(self.kinds, self.TARGET_DECAY, neuron_group_size) if target is not None else None
         self._target_w: dict[str, float] = {}
         self.warmup_steps, self.step = max(0, warmup_steps), 0
         self.gate = gate
@@ -210,23 +211,16 @@ class PriorPenalty(TrainHook):
         return (1 - self.mean_loss / self.first_loss.clamp_min(1e-12)).clamp(0, 1)
 
     def reselect(self, model: nn.Module, traces: Sequence[LayerTrace], mask: Tensor | None) -> None:
-        """With a target: fold this batch's norms into the running ones (m <- TARGET_DECAY m + (1 - TARGET_DECAY)
-        batch, squares averaged) and choose the branches the thresholding at the target would remove now
-        (`select_for_target` on the running norms, smallest first; a block it takes stands for all its heads or
-        neuron groups)."""
+        """With a target: fold this batch's norms into the running ones (`NormEMA`, decay TARGET_DECAY) and choose
+        the branches the thresholding at the target would remove now (`select_for_target` on the running norms,
+        smallest first; a block it takes stands for all its heads or neuron groups)."""
         kinds, size = resolve_kinds(model, self.kinds, self.neuron_group_size)
-        with torch.no_grad():
-            names, sums, count = batch_sq_norms(model, traces, mask, kinds, size)
-            sums, count = distributed.global_sum(sums), distributed.global_sum(count)
-            means = (sums.double() / count.clamp_min(1).double()).tolist()
-        d = self.TARGET_DECAY
-        self._norm_sq = {n: m if n not in self._norm_sq else d * self._norm_sq[n] + (1 - d) * m
-                         for n, m in zip(names, means)}
-        scores = {n: max(v, 0.0) ** 0.5 for n, v in self._norm_sq.items()}
+        self._norms.update(traces, mask, model)
+        scores = self._norms.norms()
         chosen = set(select_for_target(list_branches(model, kinds, size), scores, self.target, model=model))
         part = {"attention": "head", "ffn": "neurons"}  # a whole block taken: all of its heads / neuron groups
         whole = {(layer, part[kind]) for layer, kind, _ in map(parse_name, chosen) if kind in part}
-        self.targeted = {n for n in names if n in chosen or parse_name(n)[:2] in whole}
+        self.targeted = {n for n in scores if n in chosen or parse_name(n)[:2] in whole}
 
     def target_weights(self, model: nn.Module) -> dict[str, float]:
         """w_m of the targeted prior: the usual weight (1, or by parameters) on the chosen branches, 0 elsewhere."""
