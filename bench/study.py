@@ -87,6 +87,9 @@ VARIANTS: dict[str, tuple] = {
     # the stronger prior, gated so that a task learnt late (MRPC at 1e-3) is learnt first; measured: MRPC is, but
     # SST-2's 70% cut falls to chance before recovery (docs/snip.md, what the study measured of SNIP's parts)
     "snip-lambda1e-3-gate": (snip_method, {"prior_lambda": 1e-3, "prior_gate": "baseline"}),
+    # the stronger prior ramped over the whole run instead of half of it, so that a task learnt late (MRPC) meets
+    # little of it while it learns
+    "snip-lambda1e-3-warmup1": (snip_method, {"prior_lambda": 1e-3, "prior_warmup": 1.0}),
     "snip-unweighted": (snip_method, {"prior_weights": None}),
     "snip-prox-lambda30": (snip_method, {"prior_step": "proximal", "prox_lambda": 30.0}),
     "snip-prox-lambda100": (snip_method, {"prior_step": "proximal", "prox_lambda": 100.0}),
