@@ -8,7 +8,7 @@ One *cell* is (task, seed, method, target, distill). The costly part is shared w
   they share one plain fine-tune, which is also the dense reference ("dense", target 0);
 * a scheduled method (movement, l0, dsp, magnitude-unstructured, sparsebert, ...) trains toward its target, so
   each of its cells is its own fine-tune; so does each cell of a SNIP variant whose prior aims at the target
-  (PER_TARGET);
+  or whose cut is gradual (PER_TARGET);
 * distillation's teacher is the plain fine-tune of the same task and seed.
 
 Each finished cell is appended as one JSON line to <out>.jsonl (its removed branches grouped by layer and kind,
@@ -103,6 +103,9 @@ VARIANTS: dict[str, tuple] = {
     "snip-target": (snip_method, {"prior_target": True}),
     "snip-target-lambda1e-3": (snip_method, {"prior_target": True, "prior_lambda": 1e-3}),
     "snip-target-lambda1e-2": (snip_method, {"prior_target": True, "prior_lambda": 1e-2}),
+    # the thresholding operator applied gradually while fine-tuning, on the cubic schedule to the cell's target
+    # (snip.gradual; not the paper's): a fine-tune per target, like the methods that train toward their target
+    "snip-gradual": (snip_method, {"gradual": True}),
     # not SNIP's: L0's start before 2026-12-07 (log α = 0: every branch halved from the first step, which STS-B
     # does not survive; the default now starts the gates open: docs/methods_structured.md)
     "l0-closed": (l0_method, {"init_drop": 0.5}),
@@ -115,7 +118,7 @@ RECIPE: dict[str, dict] = {
     "snip-blocks": {"kinds": ("attention", "ffn")},
     "snip-per-param": {"per_param": True},
 }
-PER_TARGET = {"snip-target", "snip-target-lambda1e-3", "snip-target-lambda1e-2"}  # fine-tuning depends on the target
+PER_TARGET = {"snip-target", "snip-target-lambda1e-3", "snip-target-lambda1e-2", "snip-gradual"}  # fine-tuning depends on the target
 # variants that prune the model of the last fine-tuning epoch instead of the best one on dev: the prior's λ
 # reaches full strength only after its warm-up, so the best epoch can be one the prior has not shaped yet
 LAST_EPOCH = {"snip-last", "snip-prox-last", *PER_TARGET}

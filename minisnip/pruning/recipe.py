@@ -10,7 +10,8 @@
 
 A method is a plain module (`minisnip.snip.method`, `minisnip.methods.*`) holding
 
-    STRUCTURED, USES_DISTILLATION, SCHEDULED (its masks follow a schedule: keep the last epoch, not the best),
+    STRUCTURED, USES_DISTILLATION, SCHEDULED (its masks follow a schedule: keep the last epoch, not the best; a
+    Config whose switch makes it so says `scheduled`),
     DESCRIPTION, a `Config` dataclass (its own settings, validated), training_hooks(), before_removal(),
     scores() (structured methods), and optionally select() (selection that is not one sort), scores_at_load()
     (scores that mean something before fine-tuning: lets a threshold be checked up front) and NEEDS_TARGET.
@@ -204,6 +205,12 @@ def select_and_remove(model: nn.Module, method: ModuleType, hooks: list[TrainHoo
     return PruneOutcome(scores=scores, removed=report["removed"], branches=table, report=report, tau=tau)
 
 
+def scheduled(method: ModuleType, method_cfg) -> bool:
+    """Whether the method's fine-tuning follows a schedule to the target (then its last epoch is kept): the
+    method's SCHEDULED, or its Config's `scheduled` where a switch makes it so (SNIP's gradual cut)."""
+    return bool(method.SCHEDULED or getattr(method_cfg, "scheduled", False))
+
+
 def distill_config(method: ModuleType, cfg: PruneConfig) -> DistillConfig | None:
     """The distillation this run uses: the one asked for, or the default one for a method that always distils."""
     return cfg.distill if cfg.distill is not None else (DistillConfig() if method.USES_DISTILLATION else None)
@@ -229,7 +236,7 @@ def finetune_with(model: nn.Module, tokenizer: Tokenizer, data: TaskData, method
     hooks = method.training_hooks(model, method_cfg, cfg.target, total_steps, cfg.kinds, group_size_of(model, cfg))
     terms = [DistillHook(teacher, distill)] if distill is not None else []
     history = fit(model, tokenizer, data.task, data.train, data.dev, train_cfg, hooks=[*hooks, *terms, *extra_hooks],
-                  restore_best=not method.SCHEDULED if restore_best is None else restore_best)
+                  restore_best=not scheduled(method, method_cfg) if restore_best is None else restore_best)
     method.before_removal(model, hooks)
     return history, hooks
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..train import TrainHook
+from .gradual import GradualThreshold
 from .norms import function_norms
 from .prior import PriorPenalty, ProximalPrior, output_weight_groups
 from .spectral import apply_spectral_norm, remove_spectral_norm
@@ -54,6 +55,8 @@ class Config:
     #                           gate; neither is the paper's); "none": the paper's prior
     prior_target: bool = False  # the prior only on the branches the thresholding at the target would remove now
     #                             (prior.PriorPenalty, target; not the paper's): one fine-tune per target
+    gradual: bool = False  # threshold while fine-tuning, on the cubic schedule to the target after the prior's warm-up
+    #                        (gradual.GradualThreshold; not the paper's): one fine-tune per target, its last epoch kept
     prox_lambda: float = 300.0  # λ of the proximal step, on the scale of output-weight norms (how 300 was reasoned
     #                             from MiniLM's norms and the study's schedule: docs/snip.md, the proximal step)
 
@@ -87,6 +90,11 @@ class Config:
             raise ValueError(f"sn_bound must be 'init' or a finite number > 0, got {self.sn_bound!r}")
 
     @property
+    def scheduled(self) -> bool:
+        """Whether fine-tuning follows a schedule to the target (the recipe then keeps the last epoch)."""
+        return self.gradual
+
+    @property
     def uses_prior(self) -> bool:
         return self.prior and (self.prox_lambda if self.prior_step == "proximal" else self.prior_lambda) > 0
 
@@ -99,33 +107,47 @@ def check(model: nn.Module, cfg: Config, target: float | None, kinds: tuple[str,
     if cfg.uses_prior and cfg.prior_target and target is None:
         raise ValueError("prior_target needs a target compression (--target): it penalises the branches that "
                          "thresholding at the target would remove")
+    if cfg.gradual and target is None:
+        raise ValueError("gradual needs a target compression (--target): its schedule ends there")
     if cfg.uses_prior and cfg.prior_step == "proximal":
         output_weight_groups(model, kinds, neuron_group_size)
 
 
 def training_hooks(model: nn.Module, cfg: Config, target: float | None, total_steps: int, kinds: tuple[str, ...],
                    neuron_group_size: int) -> list[TrainHook]:
-    """Put SN on the branch matrices (when on) and return the prior's hook (when on)."""
+    """Put SN on the branch matrices (when on) and return the prior's hook (when on), and the gradual cut's."""
     check(model, cfg, target, kinds, neuron_group_size)
     if cfg.spectral_norm:
         apply_spectral_norm(model, which=SN_MATRICES[cfg.sn_matrices], bound=cfg.sn_bound, init_scale=cfg.sn_scale)
+    hooks: list[TrainHook] = []
+    if cfg.gradual:  # the cut starts when the prior reaches full strength (and leaves the cool-down its steps)
+        start = min(cfg.prior_warmup, 1 - GradualThreshold.COOLDOWN)
+        hooks.append(GradualThreshold(model, target, total_steps, kinds, neuron_group_size, start=start))
     if not cfg.uses_prior:
-        return []
+        return hooks
     warmup = round(cfg.prior_warmup * total_steps)
     if cfg.prior_step == "proximal":
-        return [ProximalPrior(cfg.prox_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup)]
+        return [ProximalPrior(cfg.prox_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup),
+                *hooks]
     return [PriorPenalty(cfg.prior_lambda, kinds, neuron_group_size, cfg.prior_weights, warmup_steps=warmup,
-                         gate=cfg.prior_gate, target=target if cfg.prior_target else None)]
+                         gate=cfg.prior_gate, target=target if cfg.prior_target else None), *hooks]
 
 
 def before_removal(model: nn.Module, hooks: list[TrainHook]) -> None:
-    """Bake W · min(1, c/σ̂) into plain weights (a no-op without SN)."""
+    """Bake W · min(1, c/σ̂) into plain weights (a no-op without SN); a gradual cut's gates off."""
     remove_spectral_norm(model)
+    for hook in hooks:
+        if isinstance(hook, GradualThreshold):
+            hook.clear()
 
 
 def scores(model: nn.Module, hooks: list[TrainHook], calib: list[dict], kinds: tuple[str, ...],
            neuron_group_size: int) -> dict[str, float]:
-    """The function norm ||f_m|| of every branch on the calibration set: the thresholding operator's input."""
+    """The function norm ||f_m|| of every branch on the calibration set: the thresholding operator's input.
+    After a gradual cut: the running norms its final mask was chosen from (the cut at the target is the mask)."""
+    gradual = next((h for h in hooks if isinstance(h, GradualThreshold)), None)
+    if gradual is not None:
+        return gradual.scores()
     return function_norms(model, calib, kinds=kinds, neuron_group_size=neuron_group_size)
 
 
