@@ -295,19 +295,21 @@ def test_readme_blocks_get_the_summarys_tables_and_a_readme_without_them_is_refu
     assert readme.read_text() == text and out.with_suffix(".md").read_text() == before
 
 
-def test_targeted_variant_fine_tunes_once_per_target(tmp_path, glue_fixtures_dir, tiny_folder, bench_script):
-    """snip-target's prior depends on the cell's target: each target is its own fine-tune (pruned at its last
-    epoch), where snip cuts every target from one."""
+@pytest.mark.parametrize("variant", ["snip-target", "snip-gradual"])
+def test_per_target_variant_fine_tunes_once_per_target(tmp_path, glue_fixtures_dir, tiny_folder, bench_script,
+                                                       variant):
+    """snip-target's prior and snip-gradual's cut depend on the cell's target: each target is its own fine-tune
+    (pruned at its last epoch), where snip cuts every target from one."""
     study = bench_script("study")
-    cells = [study.Cell("rte", 1, m, t) for m in ("snip", "snip-target") for t in (0.3, 0.5)]
+    cells = [study.Cell("rte", 1, m, t) for m in ("snip", variant) for t in (0.3, 0.5)]
     assert cells[0].training == cells[1].training
     assert cells[2].training != cells[3].training and cells[2].training == cells[2].key
     out = tmp_path / "study"
     argv = ["--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder), "--tasks", "rte", "--seeds", "1",
-            "--targets", "0.3", "0.5", "--unstructured-targets", "--methods", "snip-target", "--max-train", "8",
+            "--targets", "0.3", "0.5", "--unstructured-targets", "--methods", variant, "--max-train", "8",
             "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--recovery-epochs", "0", "--out", str(out)]
     assert study.main(argv) == 0
-    records = [r for r in study.read_records(out.with_suffix(".jsonl")) if r["method"] == "snip-target"]
+    records = [r for r in study.read_records(out.with_suffix(".jsonl")) if r["method"] == variant]
     assert sorted(r["target"] for r in records) == [0.3, 0.5]
     assert all(r["finetune_epoch"] == 2 and r["compression"] >= r["target"] for r in records)
 
