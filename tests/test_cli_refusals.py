@@ -308,3 +308,10 @@ def test_evaluate_out_replaces_only_its_own_metrics_file(finished_run, tmp_path,
     assert set(first) == {"task", "model", "metrics"}
     assert run([*base, "--out", str(metrics)], capsys)[0] == 0  # its own earlier file: replaced
     assert json.loads(metrics.read_text()) == first
+
+
+def test_a_gradual_cut_without_a_target_is_refused_before_training(tmp_path, tiny_folder, glue_fixtures_dir, capsys):
+    code, err = run(["prune", "--task", "rte", "--glue-dir", str(glue_fixtures_dir), "--model", str(tiny_folder),
+                     "--out", str(tmp_path / "run"), "--threshold", "0.01", "--option", "gradual=true", *QUICK], capsys)
+    assert code == 2 and "gradual needs a target" in err
+    assert list(tmp_path.iterdir()) == []
