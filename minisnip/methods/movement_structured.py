@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..pruning.branches import list_branches
 from ..pruning.gates import GateLayout, clear_gates
 from ..pruning.schedule import cubic_sparsity, schedule_steps
-from ..pruning.select import select_for_target
+from ..pruning.select import removed_by, select_for_target
 from ..train import StepContext, TrainHook
 from .movement import StraightThroughMask
 
@@ -106,9 +106,8 @@ class BranchMovementHook(TrainHook):
         device = self.scores.device
         if share <= 0:
             return torch.ones(len(self.branches), dtype=torch.bool, device=device)
-        gone = set(select_for_target(self.branches, dict(zip(self.names, self.scores.tolist())), share,
-                                     model=self.model))
-        return torch.tensor([not (b.name in gone or b.parent in gone) for b in self.branches], device=device)
+        gone = select_for_target(self.branches, dict(zip(self.names, self.scores.tolist())), share, model=self.model)
+        return ~torch.tensor(removed_by(self.branches, gone), dtype=torch.bool, device=device)
 
     def before_forward(self, ctx: StepContext) -> None:
         self._follow()

@@ -46,7 +46,7 @@ from .compression import (COMPRESSION_DEFINITION, compression, compression_with_
                           dense_encoder_linear_params, encoder_linears, sparsity)
 from .distill import DistillConfig, DistillHook
 from .removal import RemovalPlan, apply_pruning
-from .select import select_below_threshold, select_for_target
+from .select import removed_by, select_below_threshold, select_for_target
 
 
 @dataclass
@@ -193,9 +193,8 @@ def select_and_remove(model: nn.Module, method: ModuleType, hooks: list[TrainHoo
     else:
         names = select_below_threshold(scores, cfg.threshold)
     scores, names = distributed.broadcast_object((scores, names))  # distributed: rank 0's decision, on every rank
-    gone = set(names)
     table = [{"name": b.name, "kind": b.kind, "layer": b.layer, "params": b.params, "score": scores.get(b.name),
-              "removed": b.name in gone or b.parent in gone} for b in branches]
+              "removed": gone} for b, gone in zip(branches, removed_by(branches, names))]
     removed_scores = [b["score"] for b in table if b["removed"] and b["score"] is not None]
     tau = max(removed_scores) if removed_scores else cfg.threshold  # the largest score that went
     try:

@@ -15,7 +15,7 @@ important = removed first):
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from torch import nn
 
@@ -96,5 +96,11 @@ def select_for_target(branches: Sequence[Branch], scores: Mapping[str, float], t
                      f"them gives compression {removed / dense:.4f} ({COMPRESSION_DEFINITION})")
 
 
+def removed_by(branches: Sequence[Branch], names: Iterable[str]) -> list[bool]:
+    """Per branch of `branches`, whether removing `names` removes it: its own name is among them, or its block's
+    (a selection's canonical names stand for all of a block's heads or neuron groups)."""
+    gone = set(names)
+    return [b.name in gone or b.parent in gone for b in branches]
 
-__all__ = ["select_below_threshold", "select_for_target"]
+
+__all__ = ["removed_by", "select_below_threshold", "select_for_target"]

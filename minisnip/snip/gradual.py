@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..pruning.branches import list_branches, resolve_kinds
 from ..pruning.gates import GateLayout, clear_gates
 from ..pruning.schedule import cubic_sparsity, schedule_steps
-from ..pruning.select import select_for_target
+from ..pruning.select import removed_by, select_for_target
 from ..train import StepContext, TrainHook
 from .norms import NormEMA
 
@@ -57,7 +57,6 @@ class GradualThreshold(TrainHook):
         self.model, self.target, self.total_steps = model, float(target), total_steps
         self.kinds, self.neuron_group_size = resolve_kinds(model, kinds, neuron_group_size)
         self.branches = list_branches(model, self.kinds, self.neuron_group_size)
-        self.names = [b.name for b in self.branches]
         self.layout = GateLayout(model, self.branches)
         self.warmup_steps, self.cooldown_steps = schedule_steps(total_steps, start, self.COOLDOWN)
         self._norms = NormEMA(self.kinds, self.DECAY, self.neuron_group_size)
@@ -72,9 +71,8 @@ class GradualThreshold(TrainHook):
     @torch.no_grad()
     def mask_for(self, share: float, scores: dict[str, float]) -> Tensor:
         """Keep mask (one bool per branch): the thresholding operator at compression `share` on `scores`."""
-        gone = set(select_for_target(self.branches, scores, share, model=self.model)) if share > 0 else set()
-        return torch.tensor([not (b.name in gone or b.parent in gone) for b in self.branches],
-                            device=self.keep.device)
+        gone = select_for_target(self.branches, scores, share, model=self.model) if share > 0 else []
+        return ~torch.tensor(removed_by(self.branches, gone), dtype=torch.bool, device=self.keep.device)
 
     def loss(self, ctx: StepContext) -> Tensor | None:
         """Reads this step's traces (adds nothing to the loss): every EVERY steps, and when the schedule first
